@@ -1,0 +1,34 @@
+# vaeflow: `make run` sets everything up and runs the pipeline; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+# Where pip finds torch (GPU users: TORCH_INDEX=https://download.pytorch.org/whl/cu128 TORCH=torch)
+TORCH_INDEX ?=
+
+.PHONY: setup run test lint bench clean
+
+$(BIN)/vaeflow: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(BIN)/vaeflow
+
+setup: $(BIN)/vaeflow ## create .venv and install vaeflow (torch first, pinned)
+
+run: setup ## the whole pipeline on the embedded default (DuckDB + SQLite MLflow + ephemeral Prefect)
+	$(BIN)/vaeflow run
+
+test: setup ## lint and the whole test suite (slow end-to-end tests included)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup ## quality benchmark against classic imputers / detectors / PCA
+	$(BIN)/python -m benchmarks.quality
+
+clean:
+	rm -rf data/warehouse.duckdb* data/snapshots data/checkpoints data/models mlflow.db mlartifacts reports

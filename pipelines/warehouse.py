@@ -1,0 +1,363 @@
+"""Read and write tables: DuckDB (default), PostgreSQL, Parquet and CSV.
+
+A reference is a `.parquet`/`.csv` path, a bare table name (`flights`, `main.flights`) in the
+configured warehouse, or `URL#table` (`duckdb:///path.duckdb#t`, `postgresql://host/db#s.t`).
+Table names are validated and quoted as identifiers, never pasted into SQL. Reads stream in
+Arrow record batches; writes go to a staging table or temp file and replace the target in one
+transaction or rename, so a failed job leaves the previous output intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipelines.errors import SourceError
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+FILE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """Where a table lives: kind (duckdb | postgres | parquet | csv), location, table name."""
+
+    kind: str
+    location: str  # file path, or database URL / duckdb file path
+    table: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """A short name for suites, snapshots and output tables."""
+        if self.table:
+            return self.table[-1]
+        return Path(self.location).stem
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind in ("parquet", "csv")
+
+    def __str__(self) -> str:
+        if self.is_file:
+            return self.location
+        return f"{_redact(self.location)}#{'.'.join(self.table)}"
+
+    def quoted(self) -> str:
+        return ".".join(f'"{p}"' for p in self.table)
+
+    def with_table(self, name: str) -> TableRef:
+        """The same database, another table (in the same schema)."""
+        parts = parse_identifier(name)
+        if len(parts) == 1 and len(self.table) == 2:
+            parts = (self.table[0], *parts)
+        return TableRef(self.kind, self.location, parts)
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def parse_identifier(name: str) -> tuple[str, ...]:
+    """`table` or `schema.table` -> parts; anything else is rejected with a clear error."""
+    parts = tuple(name.split("."))
+    if not 1 <= len(parts) <= 2 or not all(_IDENT.match(p) for p in parts):
+        raise SourceError(
+            f"invalid table name {name!r}: use letters, digits and underscores, optionally "
+            f"schema.table (at most 63 characters a part)"
+        )
+    return parts
+
+
+def parse_ref(text: str, warehouse_url: str) -> TableRef:
+    """Turn a CLI/config source or destination into a `TableRef`."""
+    text = text.strip()
+    if not text:
+        raise SourceError("empty source/destination: give a .parquet/.csv path or a table name")
+    suffix = Path(text.split("#", 1)[0]).suffix.lower()
+    if "#" not in text and suffix in FILE_SUFFIXES:
+        return TableRef(FILE_SUFFIXES[suffix], str(Path(text).expanduser()))
+    if "#" in text:
+        url, table = text.split("#", 1)
+    else:
+        url, table = warehouse_url, text
+    if "/" in table or suffix:
+        raise SourceError(
+            f"{text!r} is neither a .parquet/.csv file nor a table name; files need one of "
+            f"{', '.join(FILE_SUFFIXES)}"
+        )
+    parts = parse_identifier(table)
+    if url.startswith("duckdb:///"):
+        return TableRef("duckdb", url.removeprefix("duckdb:///"), parts)
+    if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        return TableRef("postgres", url.replace("postgresql+psycopg://", "postgresql://"), parts)
+    raise SourceError(f"unsupported warehouse URL {_redact(url)!r}: use duckdb:///FILE or postgresql://...")
+
+
+# ---------------------------------------------------------------- connections
+
+
+@contextlib.contextmanager
+def _duckdb(path: str, read_only: bool = False):
+    import duckdb
+
+    if read_only and not Path(path).exists():
+        raise SourceError(f"DuckDB warehouse file {path} does not exist")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(path)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def _postgres(url: str):
+    import psycopg
+
+    try:
+        con = psycopg.connect(url, connect_timeout=10, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise SourceError(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}".strip()) from exc
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _sql_parts(ref: TableRef) -> tuple[str, str]:
+    """(schema, table) with the engine's default schema filled in."""
+    if len(ref.table) == 2:
+        return ref.table[0], ref.table[1]
+    return ("main" if ref.kind == "duckdb" else "public"), ref.table[0]
+
+
+def table_exists(ref: TableRef) -> bool:
+    """Whether the file or table exists."""
+    if ref.is_file:
+        return Path(ref.location).is_file()
+    schema, table = _sql_parts(ref)
+    sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = %s"
+    if ref.kind == "duckdb":
+        if not Path(ref.location).exists():
+            return False
+        with _duckdb(ref.location) as con:
+            return con.execute(sql.replace("%s", "?"), [schema, table]).fetchone()[0] > 0
+    with _postgres(ref.location) as con:
+        return con.execute(sql, (schema, table)).fetchone()[0] > 0
+
+
+def _require(ref: TableRef) -> None:
+    if not table_exists(ref):
+        what = "file" if ref.is_file else "table"
+        raise SourceError(f"{what} {ref} does not exist; check the name (and the warehouse URL)")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _fix_decimals(df: pd.DataFrame) -> pd.DataFrame:
+    for col in df.columns:
+        if df[col].dtype == object:
+            first = df[col].dropna()
+            if len(first) and isinstance(first.iloc[0], Decimal):
+                df[col] = df[col].astype("float64")
+    return df
+
+
+def iter_frames(ref: TableRef, chunk_size: int = 50_000) -> Iterator[pd.DataFrame]:
+    """Stream a table as DataFrames of at most `chunk_size` rows, in table order."""
+    _require(ref)
+    if ref.kind == "parquet":
+        for batch in pq.ParquetFile(ref.location).iter_batches(batch_size=chunk_size):
+            yield batch.to_pandas()
+    elif ref.kind == "csv":
+        yield from _iter_csv(ref.location, chunk_size)
+    elif ref.kind == "duckdb":
+        with _duckdb(ref.location) as con:
+            relation = con.sql(f"SELECT * FROM {ref.quoted()}")
+            to_reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch  # duckdb 2 / 1
+            reader = to_reader(chunk_size)
+            for batch in reader:
+                yield batch.to_pandas()
+    else:
+        with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_read") as cur:
+            cur.itersize = chunk_size
+            cur.execute(f"SELECT * FROM {ref.quoted()}")
+            while rows := cur.fetchmany(chunk_size):
+                names = [d.name for d in cur.description]
+                yield _fix_decimals(pd.DataFrame.from_records(rows, columns=names))
+
+
+def _iter_csv(path: str, chunk_size: int) -> Iterator[pd.DataFrame]:
+    # pandas infers one dtype per column over the whole file, which keeps chunks consistent
+    try:
+        yield from pd.read_csv(path, chunksize=chunk_size, low_memory=False)
+    except pd.errors.EmptyDataError as exc:
+        raise SourceError(f"file {path} is empty (no header, no rows)") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SourceError(f"file {path} is not a readable CSV: {exc}") from exc
+
+
+def read_frame(ref: TableRef, max_rows: int | None = None) -> pd.DataFrame:
+    """Read a whole table (or its first `max_rows` rows) into memory."""
+    if ref.kind == "csv":
+        _require(ref)
+        try:
+            return pd.read_csv(ref.location, nrows=max_rows, low_memory=False)
+        except pd.errors.EmptyDataError as exc:
+            raise SourceError(f"file {ref.location} is empty (no header, no rows)") from exc
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise SourceError(f"file {ref.location} is not a readable CSV: {exc}") from exc
+    frames, total = [], 0
+    try:
+        for frame in iter_frames(ref):
+            frames.append(frame)
+            total += len(frame)
+            if max_rows is not None and total >= max_rows:
+                break
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SourceError(f"cannot read {ref}: {exc}") from exc
+    if not frames:
+        return _empty_frame(ref)
+    df = pd.concat(frames, ignore_index=True)
+    return df.iloc[:max_rows] if max_rows is not None else df
+
+
+def _empty_frame(ref: TableRef) -> pd.DataFrame:
+    if ref.kind == "parquet":
+        return pq.read_table(ref.location).to_pandas()
+    if ref.kind == "duckdb":
+        with _duckdb(ref.location) as con:
+            return con.execute(f"SELECT * FROM {ref.quoted()} LIMIT 0").df()
+    with _postgres(ref.location) as con, con.cursor() as cur:
+        cur.execute(f"SELECT * FROM {ref.quoted()} LIMIT 0")
+        return pd.DataFrame(columns=[d.name for d in cur.description])
+
+
+# ---------------------------------------------------------------- writing
+
+_PG_TYPES = {"b": "boolean", "i": "bigint", "u": "bigint", "f": "double precision"}
+
+
+def _pg_type(dtype) -> str:
+    kind = getattr(dtype, "kind", "O")
+    if isinstance(dtype, pd.BooleanDtype):
+        return "boolean"
+    return _PG_TYPES.get(kind, "text")
+
+
+def write_table(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+    """Write all frames to `ref` atomically, replacing what was there; returns the row count."""
+    if ref.kind in ("parquet", "csv"):
+        return _write_file(ref, frames)
+    if ref.kind == "duckdb":
+        return _write_duckdb(ref, frames)
+    return _write_postgres(ref, frames)
+
+
+def _write_file(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+    target = Path(ref.location)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    rows, writer = 0, None
+    try:
+        for frame in frames:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if ref.kind == "parquet":
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+            else:
+                if writer is None:
+                    writer = pacsv.CSVWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+            rows += len(frame)
+        if writer is None:
+            raise SourceError(f"nothing to write to {target}: the job produced no data")
+        writer.close()
+        writer = None
+        os.replace(tmp, target)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return rows
+
+
+def _staging(ref: TableRef) -> TableRef:
+    return TableRef(ref.kind, ref.location, (*ref.table[:-1], f"{ref.table[-1]}__vaeflow_staging"))
+
+
+def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+    staging = _staging(ref)
+    rows = 0
+    with _duckdb(ref.location) as con:
+        if len(ref.table) == 2:
+            con.execute(f'CREATE SCHEMA IF NOT EXISTS "{ref.table[0]}"')
+        con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
+        for i, frame in enumerate(frames):
+            con.register("_vaeflow_chunk", frame)
+            if i == 0:
+                con.execute(f"CREATE TABLE {staging.quoted()} AS SELECT * FROM _vaeflow_chunk")
+            else:
+                con.execute(f"INSERT INTO {staging.quoted()} SELECT * FROM _vaeflow_chunk")
+            con.unregister("_vaeflow_chunk")
+            rows += len(frame)
+        if rows == 0 and not _exists_duck(con, staging):
+            raise SourceError(f"nothing to write to {ref}: the job produced no data")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
+            con.execute(f'ALTER TABLE {staging.quoted()} RENAME TO "{ref.table[-1]}"')
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    return rows
+
+
+def _exists_duck(con, ref: TableRef) -> bool:
+    schema, table = _sql_parts(ref)
+    sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?"
+    return con.execute(sql, [schema, table]).fetchone()[0] > 0
+
+
+def _write_postgres(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+    staging = _staging(ref)
+    rows = 0
+    with _postgres(ref.location) as con:
+        with con.transaction():
+            if len(ref.table) == 2:
+                con.execute(f'CREATE SCHEMA IF NOT EXISTS "{ref.table[0]}"')
+            con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
+        created = False
+        for frame in frames:
+            with con.transaction():
+                if not created:
+                    cols = ", ".join(f'"{c}" {_pg_type(t)}' for c, t in frame.dtypes.items())
+                    con.execute(f"CREATE TABLE {staging.quoted()} ({cols})")
+                    created = True
+                names = ", ".join(f'"{c}"' for c in frame.columns)
+                with con.cursor() as cur, cur.copy(f"COPY {staging.quoted()} ({names}) FROM STDIN") as cp:
+                    for record in frame.astype(object).where(frame.notna(), None).itertuples(index=False):
+                        cp.write_row(record)
+            rows += len(frame)
+        if not created:
+            raise SourceError(f"nothing to write to {ref}: the job produced no data")
+        with con.transaction():
+            con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
+            con.execute(f'ALTER TABLE {staging.quoted()} RENAME TO "{ref.table[-1]}"')
+    return rows

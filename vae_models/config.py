@@ -1,0 +1,24 @@
+"""Hyper-parameters of the VAE itself (network, objective, optimiser)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class VAEConfig(BaseModel):
+    """Network and objective of one tabular VAE; stored beside its weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latent_dim: int = Field(8, ge=1, description="size of z")
+    hidden_dims: list[int] = Field(default_factory=lambda: [128, 128], min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    beta: float = Field(1.0, gt=0.0, description="weight of the KL term (beta-VAE)")
+    n_importance: int = Field(
+        1, ge=1, description="K samples per row in training; K>1 trains the IWAE/MIWAE bound"
+    )
+    kl_warmup_epochs: int = Field(2, ge=0, description="epochs over which the KL weight ramps to beta")
+    logvar_min: float = -8.0
+    logvar_max: float = 6.0
+    learning_rate: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)

@@ -1,0 +1,289 @@
+"""Column types and the fitted, invertible transform between a table and tensors.
+
+A `TableSchema` is inferred from a reference table (or forced per column), fitted once on the
+training split, stored as JSON beside the weights and applied unchanged at scoring time.
+Nulls are missing cells (mask 0), never errors; a value that cannot belong to a column's type
+(a word in a numeric column, an infinity) raises `SchemaError` naming the column and value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+KINDS = ("numeric", "categorical", "binary")
+OVERRIDE_KINDS = (*KINDS, "ignore")
+
+
+class SchemaError(ValueError):
+    """A table does not fit the schema: names the column and the offending value."""
+
+
+@dataclass
+class ColumnSpec:
+    """One modelled column: its kind, source dtype and fitted transform."""
+
+    name: str
+    kind: str
+    dtype: str
+    transform: str = "identity"  # numeric only: identity | log1p
+    center: float = 0.0
+    scale: float = 1.0
+    categories: list[Any] = field(default_factory=list)  # categorical / binary levels
+
+    @property
+    def n_classes(self) -> int:
+        """Known levels plus one reserved slot for levels never seen in training."""
+        return len(self.categories) + 1
+
+
+@dataclass
+class EncodedTable:
+    """A table as arrays: standardised numerics and category codes, each with a mask."""
+
+    x_num: np.ndarray  # (N, n_num) float32, 0 where missing
+    m_num: np.ndarray  # (N, n_num) float32, 1 = observed
+    x_cat: np.ndarray  # (N, n_cat) int64, code; n_classes-1 = unknown level
+    m_cat: np.ndarray  # (N, n_cat) float32
+
+    def __len__(self) -> int:
+        return self.x_num.shape[0]
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """The four arrays as tensors, in the order `TableBatch` expects."""
+        return tuple(
+            torch.as_tensor(a, device=device) for a in (self.x_num, self.m_num, self.x_cat, self.m_cat)
+        )
+
+
+def _py(value: Any) -> Any:
+    """A numpy scalar as a JSON-able Python scalar."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _numeric_values(series: pd.Series, column: str) -> np.ndarray:
+    """Float values of a column that must be numeric; NaN for nulls; errors name the value."""
+    if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
+        values = series.astype("float64")
+    else:
+        values = pd.to_numeric(series, errors="coerce")
+        bad = values.isna() & series.notna()
+        if bad.any():
+            first = series[bad].iloc[0]
+            raise SchemaError(
+                f"column '{column}' is numeric but holds the non-numeric value {first!r} "
+                f"({int(bad.sum())} such cells); fix or null those cells, or declare the column's "
+                f"type in params.yaml (schema.overrides)"
+            )
+        values = values.astype("float64")
+    arr = values.to_numpy(dtype="float64", na_value=np.nan)
+    n_inf = int(np.isinf(arr).sum())
+    if n_inf:
+        raise SchemaError(
+            f"column '{column}' holds {n_inf} infinite value(s); replace them with nulls "
+            f"(missing cells) or finite numbers"
+        )
+    return arr
+
+
+@dataclass
+class TableSchema:
+    """The modelled columns of a table, the key carried through, and what was left out."""
+
+    columns: list[ColumnSpec]
+    key: str | None = None
+    ignored: dict[str, str] = field(default_factory=dict)  # column -> reason
+
+    @property
+    def numeric(self) -> list[ColumnSpec]:
+        return [c for c in self.columns if c.kind == "numeric"]
+
+    @property
+    def categorical(self) -> list[ColumnSpec]:
+        """Categorical and binary columns (a binary column is a two-level categorical)."""
+        return [c for c in self.columns if c.kind != "numeric"]
+
+    @property
+    def cat_sizes(self) -> list[int]:
+        return [c.n_classes for c in self.categorical]
+
+    @property
+    def names(self) -> list[str]:
+        """Modelled columns in the model's cell order: numerics, then categoricals."""
+        return [c.name for c in self.numeric] + [c.name for c in self.categorical]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "ignored": self.ignored, "columns": [asdict(c) for c in self.columns]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TableSchema:
+        return cls(
+            columns=[ColumnSpec(**c) for c in data["columns"]],
+            key=data.get("key"),
+            ignored=dict(data.get("ignored", {})),
+        )
+
+    def check_columns(self, df: pd.DataFrame, *, need_key: bool = False) -> None:
+        """Raise `SchemaError` naming the first modelled column the table lacks."""
+        wanted = self.names + ([self.key] if need_key and self.key else [])
+        missing = [c for c in wanted if c not in df.columns]
+        if missing:
+            raise SchemaError(
+                f"column(s) {', '.join(repr(c) for c in missing)} missing from the input; the "
+                f"model expects {', '.join(wanted)}"
+            )
+
+    def encode(self, df: pd.DataFrame) -> EncodedTable:
+        """Standardise numerics and code categoricals; nulls become masked cells."""
+        self.check_columns(df)
+        n = len(df)
+        num, cat = self.numeric, self.categorical
+        x_num = np.zeros((n, len(num)), dtype=np.float32)
+        m_num = np.zeros((n, len(num)), dtype=np.float32)
+        for j, spec in enumerate(num):
+            values = _numeric_values(df[spec.name], spec.name)
+            observed = ~np.isnan(values)
+            if spec.transform == "log1p":
+                values = np.sign(values) * np.log1p(np.abs(values))
+            x_num[:, j] = np.where(observed, (values - spec.center) / spec.scale, 0.0)
+            m_num[:, j] = observed
+        x_cat = np.zeros((n, len(cat)), dtype=np.int64)
+        m_cat = np.zeros((n, len(cat)), dtype=np.float32)
+        for j, spec in enumerate(cat):
+            series = df[spec.name]
+            missing = series.isna().to_numpy()
+            index = {level: i for i, level in enumerate(spec.categories)}
+            codes = series.map(index).to_numpy(dtype="float64", na_value=np.nan)
+            codes = np.where(np.isnan(codes), spec.n_classes - 1, codes)  # unseen level
+            x_cat[:, j] = np.where(missing, 0, codes).astype(np.int64)
+            m_cat[:, j] = ~missing
+        return EncodedTable(x_num, m_num, x_cat, m_cat)
+
+    def decode(self, num_values: np.ndarray, cat_codes: np.ndarray) -> pd.DataFrame:
+        """Map standardised numerics and category codes back to the source columns and dtypes."""
+        out: dict[str, pd.Series] = {}
+        for j, spec in enumerate(self.numeric):
+            values = num_values[:, j].astype("float64") * spec.scale + spec.center
+            if spec.transform == "log1p":
+                values = np.sign(values) * np.expm1(np.abs(values))
+            out[spec.name] = _restore_numeric(values, spec.dtype)
+        for j, spec in enumerate(self.categorical):
+            levels = np.array(spec.categories + [None], dtype=object)
+            out[spec.name] = _restore_levels(levels[cat_codes[:, j]], spec.dtype)
+        return pd.DataFrame(out)[[c.name for c in self.columns]]
+
+
+def _restore_numeric(values: np.ndarray, dtype: str) -> pd.Series:
+    if dtype.lower().startswith(("int", "uint")):
+        return pd.Series(np.round(values)).astype("Int64")
+    return pd.Series(values, dtype="float64")
+
+
+def _restore_levels(values: np.ndarray, dtype: str) -> pd.Series:
+    if dtype in ("bool", "boolean"):
+        return pd.Series(values, dtype="boolean")
+    if dtype.lower().startswith(("int", "uint")):
+        return pd.Series(values).astype("Int64")
+    if dtype.startswith("float"):
+        return pd.Series(values).astype("float64")
+    return pd.Series(values, dtype=object)
+
+
+def infer_schema(
+    df: pd.DataFrame,
+    *,
+    key: str | None = None,
+    overrides: dict[str, str] | None = None,
+    max_categories: int = 150,
+) -> TableSchema:
+    """Infer column kinds from a reference table and fit each column's transform.
+
+    Constant, all-null, datetime and high-cardinality text columns are left out with a reason;
+    `overrides` maps a column to numeric, categorical, binary or ignore.
+    """
+    overrides = dict(overrides or {})
+    for column, kind in overrides.items():
+        if column not in df.columns:
+            raise SchemaError(f"schema override names column '{column}', which the table lacks")
+        if kind not in OVERRIDE_KINDS:
+            raise SchemaError(
+                f"schema override for column '{column}' is {kind!r}; use one of {OVERRIDE_KINDS}"
+            )
+    if key is not None and key not in df.columns:
+        raise SchemaError(f"key column '{key}' is not in the table (columns: {', '.join(df.columns)})")
+    if len(df) == 0:
+        raise SchemaError("the table has no rows; a schema needs at least one row")
+    columns: list[ColumnSpec] = []
+    ignored: dict[str, str] = {}
+    for name in df.columns:
+        if name == key:
+            continue
+        kind, reason = _infer_kind(df[name], name, overrides.get(name), max_categories)
+        if kind == "ignore":
+            ignored[name] = reason
+            continue
+        columns.append(_fit_column(df[name], name, kind))
+    if not columns:
+        raise SchemaError(
+            "no column can be modelled (all are constant, empty, dates or free text: "
+            + "; ".join(f"{k}: {v}" for k, v in ignored.items())
+            + ")"
+        )
+    return TableSchema(columns=columns, key=key, ignored=ignored)
+
+
+def _infer_kind(series: pd.Series, name: str, forced: str | None, max_categories: int) -> tuple[str, str]:
+    if forced == "ignore":
+        return "ignore", "ignored by schema.overrides"
+    nonnull = series.dropna()
+    if forced:
+        if forced == "numeric":
+            _numeric_values(series, name)
+        return forced, ""
+    if nonnull.empty:
+        return "ignore", "all values are null"
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return "ignore", "datetime column (not modelled)"
+    n_unique = nonnull.nunique()
+    if n_unique == 1:
+        return "ignore", "constant column"
+    if pd.api.types.is_bool_dtype(series) or n_unique == 2:
+        return "binary", ""
+    if pd.api.types.is_numeric_dtype(series):
+        _numeric_values(series, name)
+        return "numeric", ""
+    parsed = pd.to_numeric(nonnull, errors="coerce")
+    n_bad = int(parsed.isna().sum())
+    if n_bad == 0:
+        _numeric_values(series, name)
+        return "numeric", ""
+    if n_bad <= 0.01 * len(nonnull):
+        # a numeric column with a few stray words: a data error, not a text column
+        _numeric_values(series, name)
+    if n_unique <= max_categories:
+        return "categorical", ""
+    return "ignore", f"high-cardinality text ({n_unique} distinct values > {max_categories})"
+
+
+def _fit_column(series: pd.Series, name: str, kind: str) -> ColumnSpec:
+    dtype = str(series.dtype)
+    if kind == "numeric":
+        values = _numeric_values(series, name)
+        values = values[~np.isnan(values)]
+        transform = "identity"
+        if values.size > 2 and values.min() >= 0 and pd.Series(values).skew() > 2.0:
+            transform = "log1p"
+            values = np.log1p(values)
+        center = float(values.mean()) if values.size else 0.0
+        scale = float(values.std()) if values.size > 1 else 1.0
+        if not math.isfinite(scale) or scale <= 1e-12:
+            scale = 1.0
+        return ColumnSpec(name, kind, dtype, transform=transform, center=center, scale=scale)
+    levels = [_py(v) for v in series.dropna().unique()]
+    levels.sort(key=lambda v: (str(type(v)), v))
+    return ColumnSpec(name, kind, dtype, categories=levels)

@@ -1,0 +1,188 @@
+"""The tabular VAE: inference q(z|x) -> generative p(x|z) -> loss, and its LightningModule.
+
+Missing cells are masked out of the likelihood and zeroed (with their mask as an extra input)
+in the encoder, so a row with missing cells is encoded from what it has. With K > 1 samples
+per row the objective is the importance-weighted bound (IWAE; MIWAE when cells are missing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vae_models.config import VAEConfig
+from vae_models.likelihoods import (
+    bounded_logvar,
+    categorical_log_prob,
+    diagonal_normal_log_prob,
+    gaussian_log_prob,
+    kl_to_standard_normal,
+    standard_normal_log_prob,
+)
+from vae_models.networks import mlp
+
+
+class TableBatch(NamedTuple):
+    """A batch of encoded rows (see `vae_models.schema.EncodedTable`)."""
+
+    x_num: torch.Tensor
+    m_num: torch.Tensor
+    x_cat: torch.Tensor
+    m_cat: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, n_cells) observation mask in the model's cell order."""
+        return torch.cat([self.m_num, self.m_cat], dim=-1)
+
+
+class Posterior(NamedTuple):
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+
+class Decoded(NamedTuple):
+    """Decoder parameters; leading dims (..., B)."""
+
+    num_mu: torch.Tensor
+    num_logvar: torch.Tensor
+    cat_logits: list[torch.Tensor]
+
+
+@dataclass
+class LossOutput:
+    """Named outputs of one loss evaluation; per-row tensors have shape (B,)."""
+
+    loss: torch.Tensor
+    bound: torch.Tensor  # ELBO (K=1) or IWAE bound (K>1), unweighted: an estimate of log p(x)
+    recon: torch.Tensor  # E_q log p(x|z) over observed cells
+    kl: torch.Tensor  # KL(q(z|x) || p(z)) (closed form)
+
+
+class TabularVAE(nn.Module):
+    """Pure-torch VAE for mixed numeric and categorical columns."""
+
+    def __init__(self, n_num: int, cat_sizes: list[int], config: VAEConfig):
+        super().__init__()
+        self.n_num = n_num
+        self.cat_sizes = list(cat_sizes)
+        self.config = config
+        in_dim = 2 * n_num + sum(cat_sizes)
+        out_dim = 2 * n_num + sum(cat_sizes)
+        self.encoder = mlp(in_dim, config.hidden_dims, 2 * config.latent_dim, config.dropout)
+        self.decoder = mlp(config.latent_dim, config.hidden_dims[::-1], out_dim, config.dropout)
+
+    @property
+    def n_cells(self) -> int:
+        return self.n_num + len(self.cat_sizes)
+
+    def encoder_input(self, batch: TableBatch) -> torch.Tensor:
+        parts = [batch.x_num * batch.m_num, batch.m_num]
+        for j, size in enumerate(self.cat_sizes):
+            parts.append(F.one_hot(batch.x_cat[:, j], size).to(batch.x_num.dtype) * batch.m_cat[:, j : j + 1])
+        return torch.cat(parts, dim=-1)
+
+    def inference(self, batch: TableBatch) -> Posterior:
+        """q(z|x): a diagonal Gaussian with bounded log-variance."""
+        h = self.encoder(self.encoder_input(batch))
+        mu, raw = h.chunk(2, dim=-1)
+        return Posterior(mu, bounded_logvar(raw, self.config.logvar_min, self.config.logvar_max))
+
+    def generative(self, z: torch.Tensor) -> Decoded:
+        """p(x|z): Gaussian heads for numerics, softmax heads for categoricals."""
+        h = self.decoder(z)
+        n = self.n_num
+        num_mu, raw = h[..., :n], h[..., n : 2 * n]
+        logvar = bounded_logvar(raw, self.config.logvar_min, self.config.logvar_max)
+        logits = list(torch.split(h[..., 2 * n :], self.cat_sizes, dim=-1)) if self.cat_sizes else []
+        return Decoded(num_mu, logvar, logits)
+
+    def cell_log_likelihood(self, batch: TableBatch, decoded: Decoded) -> torch.Tensor:
+        """(..., B, n_cells) log p(x_ij | z); exactly 0 for missing cells."""
+        parts = [gaussian_log_prob(batch.x_num, decoded.num_mu, decoded.num_logvar)]
+        for j, logits in enumerate(decoded.cat_logits):
+            parts.append(categorical_log_prob(batch.x_cat[:, j], logits).unsqueeze(-1))
+        ll = torch.cat(parts, dim=-1)
+        return torch.where(batch.mask.bool(), ll, torch.zeros_like(ll))
+
+    def sample_posterior(self, post: Posterior, k: int) -> torch.Tensor:
+        """(k, B, L) reparameterised draws from q(z|x)."""
+        std = torch.exp(0.5 * post.logvar)
+        eps = torch.randn((k, *post.mu.shape), device=post.mu.device, dtype=post.mu.dtype)
+        return post.mu + std * eps
+
+    def log_weights(self, batch: TableBatch, k: int) -> tuple[torch.Tensor, torch.Tensor, Decoded, Posterior]:
+        """Importance weights log p(x,z)/q(z|x) (k, B), per-cell log-likelihoods, decoder output."""
+        post = self.inference(batch)
+        z = self.sample_posterior(post, k)
+        decoded = self.generative(z)
+        cell_ll = self.cell_log_likelihood(batch, decoded)
+        log_w = (
+            cell_ll.sum(-1) + standard_normal_log_prob(z) - diagonal_normal_log_prob(z, post.mu, post.logvar)
+        )
+        return log_w, cell_ll, decoded, post
+
+    def loss(self, batch: TableBatch, kl_weight: float = 1.0, k: int | None = None) -> LossOutput:
+        """Negative (beta-weighted) ELBO for K=1, negative IWAE bound for K>1."""
+        k = k or self.config.n_importance
+        post = self.inference(batch)
+        kl = kl_to_standard_normal(post.mu, post.logvar)
+        z = self.sample_posterior(post, k)
+        recon_k = self.cell_log_likelihood(batch, self.generative(z)).sum(-1)  # (k, B)
+        recon = recon_k.mean(0)
+        if k == 1:
+            return LossOutput(loss=-(recon - kl_weight * kl).mean(), bound=recon - kl, recon=recon, kl=kl)
+        log_prior_ratio = standard_normal_log_prob(z) - diagonal_normal_log_prob(z, post.mu, post.logvar)
+        log_k = math.log(k)
+        weighted = torch.logsumexp(recon_k + kl_weight * log_prior_ratio, 0) - log_k
+        bound = torch.logsumexp(recon_k + log_prior_ratio, 0) - log_k
+        return LossOutput(loss=-weighted.mean(), bound=bound, recon=recon, kl=kl)
+
+
+class VAEModule(L.LightningModule):
+    """Lightning wrapper: KL warm-up, NaN guard, per-epoch metrics, Adam."""
+
+    def __init__(self, n_num: int, cat_sizes: list[int], config: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = VAEConfig(**config)
+        self.vae = TabularVAE(n_num, cat_sizes, self.config)
+
+    def kl_weight(self) -> float:
+        warmup = self.config.kl_warmup_epochs
+        if warmup == 0 or not self.training:
+            return self.config.beta
+        steps_per_epoch = max(int(self.trainer.num_training_batches), 1)
+        return self.config.beta * min(1.0, self.global_step / (warmup * steps_per_epoch))
+
+    def training_step(self, batch, batch_idx):
+        out = self.vae.loss(TableBatch(*batch), kl_weight=self.kl_weight())
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(
+                f"training loss became {out.loss.item()} at epoch {self.current_epoch}, batch "
+                f"{batch_idx}; lower model.learning_rate, raise train.gradient_clip_val or check "
+                f"the input for extreme values"
+            )
+        n = batch[0].shape[0]
+        self.log("train_loss", out.loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train_kl", out.kl.mean(), on_step=False, on_epoch=True, batch_size=n)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self.vae.loss(TableBatch(*batch), kl_weight=self.config.beta)
+        n = batch[0].shape[0]
+        self.log("val_loss", out.loss, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("val_bound", out.bound.mean(), on_epoch=True, batch_size=n)
+        self.log("val_recon", out.recon.mean(), on_epoch=True, batch_size=n)
+        self.log("val_kl", out.kl.mean(), on_epoch=True, batch_size=n)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(
+            self.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+        )
