@@ -18,6 +18,10 @@ from vae_models.config import VAEConfig
 
 DEFAULT_PARAMS = "params.yaml"
 JOBS = ("impute", "anomaly", "embed", "sample")
+ENV_OVERRIDES = {
+    "MLFLOW_TRACKING_URI": ["mlflow", "tracking_uri"],
+    "VAEFLOW_WAREHOUSE_URL": ["warehouse", "url"],
+}
 
 
 class _Section(BaseModel):
@@ -145,14 +149,14 @@ class Settings(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri
+        uri = self.mlflow.tracking_uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             return f"sqlite:///{self.path(uri.removeprefix('sqlite:///'))}"
         return uri
 
     @property
     def warehouse_url(self) -> str:
-        url = os.environ.get("VAEFLOW_WAREHOUSE_URL") or self.warehouse.url
+        url = self.warehouse.url
         if url.startswith("duckdb:///") and not url.startswith("duckdb:////"):
             return f"duckdb:///{self.path(url.removeprefix('duckdb:///'))}"
         return url
@@ -194,6 +198,9 @@ def load_settings(params: str | Path | None = None, overrides: list[str] | None 
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     elif params is not None:
         raise ConfigError(f"params file {path} does not exist")
+    for env, parts in ENV_OVERRIDES.items():  # precedence: --set > environment > params.yaml
+        if os.environ.get(env):
+            _apply(data, parts, os.environ[env], env)
     for text in overrides or []:
         parts, value = parse_override(text)
         _apply(data, parts, value, text)

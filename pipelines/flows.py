@@ -155,10 +155,8 @@ def batch_score(
         raise VaeflowError(
             "--dest names one table; give one job, or leave --dest out to use score.dest_template"
         )
-    results = []
-    for job in jobs:
-        target = dest or settings.score.dest_template.format(
-            source=parse_ref(source, settings.warehouse_url).name, job=job
-        )
-        results.append(asdict(score_task(settings, job, model_uri, source, target)))
-    return results
+    name = parse_ref(source, settings.warehouse_url).name  # bad names fail before any work
+    targets = {job: dest or settings.score.dest_template.format(source=name, job=job) for job in jobs}
+    for target in targets.values():
+        parse_ref(target, settings.warehouse_url)
+    return [asdict(score_task(settings, job, model_uri, source, target)) for job, target in targets.items()]

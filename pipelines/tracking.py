@@ -16,7 +16,8 @@ import mlflow
 import pandas as pd
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from pipelines import training
 from pipelines.config import Settings
@@ -84,15 +85,13 @@ def _pip_requirements() -> list[str]:
     return [f"{n}=={md.version(n)}" for n in names]
 
 
-def _signature_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """Integers as doubles, so scoring inputs with nulls in integer columns pass the signature."""
-    out = df.copy()
-    for col in out.columns:
-        if pd.api.types.is_integer_dtype(out[col]) or pd.api.types.is_float_dtype(out[col]):
-            out[col] = out[col].astype("float64")
-        elif not pd.api.types.is_bool_dtype(out[col]):
-            out[col] = out[col].astype(object)
-    return out
+def model_signature(bundle: ModelBundle, example: pd.DataFrame) -> ModelSignature:
+    """Inputs: the key and the modelled columns, typed loosely (integer columns may hold nulls,
+    which pandas stores as floats); outputs: the anomaly job's columns; params: job, k, seed, rows."""
+    names = ([bundle.schema.key] if bundle.schema.key else []) + bundle.schema.names
+    inferred = infer_signature(example[names], score_frame(bundle, example, "anomaly"), params=DEFAULT_PARAMS)
+    inputs = Schema([ColSpec(AnyType(), name) for name in names])
+    return ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
 
 
 @dataclass
@@ -164,17 +163,13 @@ def train_and_register(
         training.write_dvc_outputs(metrics, reports_dir)
         bundle_path = save_bundle(bundle, settings.path(settings.train.model_dir) / model_name)
         example = eval_df.head(5).reset_index(drop=True)
-        signature = infer_signature(
-            _signature_frame(example),
-            score_frame(bundle, example, "anomaly"),
-            params=DEFAULT_PARAMS,
-        )
+        signature = model_signature(bundle, example)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
             artifacts={"bundle": str(bundle_path)},
             signature=signature,
-            input_example=_signature_frame(example),
+            input_example=example,
             pip_requirements=_pip_requirements(),
             registered_model_name=model_name,
             tags={"vaeflow.snapshot": snapshot.name},

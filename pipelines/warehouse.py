@@ -84,18 +84,18 @@ def parse_ref(text: str, warehouse_url: str) -> TableRef:
     text = text.strip()
     if not text:
         raise SourceError("empty source/destination: give a .parquet/.csv path or a table name")
-    suffix = Path(text.split("#", 1)[0]).suffix.lower()
-    if "#" not in text and suffix in FILE_SUFFIXES:
-        return TableRef(FILE_SUFFIXES[suffix], str(Path(text).expanduser()))
+    suffix = Path(text).suffix.lower()
     if "#" in text:
         url, table = text.split("#", 1)
+    elif suffix in FILE_SUFFIXES:
+        return TableRef(FILE_SUFFIXES[suffix], str(Path(text).expanduser()))
+    elif "/" in text or "\\" in text:
+        raise SourceError(
+            f"{text!r}: unsupported file type {suffix or '(no suffix)'}; use a .parquet or .csv file, "
+            f"or a table name"
+        )
     else:
         url, table = warehouse_url, text
-    if "/" in table or suffix:
-        raise SourceError(
-            f"{text!r} is neither a .parquet/.csv file nor a table name; files need one of "
-            f"{', '.join(FILE_SUFFIXES)}"
-        )
     parts = parse_identifier(table)
     if url.startswith("duckdb:///"):
         return TableRef("duckdb", url.removeprefix("duckdb:///"), parts)
@@ -271,18 +271,15 @@ def _write_file(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    rows, writer = 0, None
+    rows, writer, schema = 0, None, None
     try:
         for frame in frames:
             table = pa.Table.from_pandas(frame, preserve_index=False)
-            if ref.kind == "parquet":
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
-            else:
-                if writer is None:
-                    writer = pacsv.CSVWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
+            if writer is None:
+                schema = table.schema
+                opener = pq.ParquetWriter if ref.kind == "parquet" else pacsv.CSVWriter
+                writer = opener(tmp, schema)
+            writer.write_table(table.cast(schema))
             rows += len(frame)
         if writer is None:
             raise SourceError(f"nothing to write to {target}: the job produced no data")

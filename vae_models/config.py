@@ -18,6 +18,9 @@ class VAEConfig(BaseModel):
         1, ge=1, description="K samples per row in training; K>1 trains the IWAE/MIWAE bound"
     )
     kl_warmup_epochs: int = Field(2, ge=0, description="epochs over which the KL weight ramps to beta")
+    encoder_hide_rate: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share of observed cells hidden from the encoder in training"
+    )
     logvar_min: float = -8.0
     logvar_max: float = 6.0
     learning_rate: float = Field(1e-3, gt=0.0)

