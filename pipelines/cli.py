@@ -81,14 +81,12 @@ def validate(
     """Validate a source against its Great Expectations suite (gx/expectations/NAME.json)."""
     from pipelines import ingest, validation
     from pipelines.warehouse import parse_ref
-    from vae_models.schema import SchemaError, infer_schema
+    from vae_models.schema import SchemaError
 
     settings = _settings(params, sets)
     ref, df = ingest.load_source(settings, source, key)
     try:
-        schema = infer_schema(
-            df, key=key, overrides=settings.schema_.overrides, max_categories=settings.schema_.max_categories
-        )
+        schema = ingest.table_schema(settings, df, key)
     except SchemaError as exc:
         from pipelines.errors import DataError
 

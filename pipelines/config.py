@@ -57,6 +57,9 @@ class SnapshotConfig(_Section):
 class SchemaConfig(_Section):
     overrides: dict[str, Literal["numeric", "categorical", "binary", "ignore"]] = Field(default_factory=dict)
     max_categories: int = Field(150, ge=2)
+    default_kind: Literal["numeric", "categorical", "binary"] | None = Field(
+        None, description="force every column without an override to this kind (numeric for images)"
+    )
 
 
 class ValidationConfig(_Section):

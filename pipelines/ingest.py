@@ -99,12 +99,7 @@ def take_snapshot(settings: Settings, source: str, key: str | None) -> Snapshot:
         if part.empty:
             raise DataError(f"{ref} has too few rows ({len(df)}) to fill the {split} split")
     try:
-        schema = infer_schema(
-            parts["train"],
-            key=key,
-            overrides=settings.schema_.overrides,
-            max_categories=settings.schema_.max_categories,
-        )
+        schema = table_schema(settings, parts["train"], key)
         for part in parts.values():
             schema.encode(part)  # fails now, naming the column, rather than in training
     except SchemaError as exc:
@@ -133,3 +128,11 @@ def take_snapshot(settings: Settings, source: str, key: str | None) -> Snapshot:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Snapshot(target)
+
+
+def table_schema(settings: Settings, df: pd.DataFrame, key: str | None) -> TableSchema:
+    """Infer a table's schema with the configured overrides (raises `SchemaError`)."""
+    cfg = settings.schema_
+    return infer_schema(
+        df, key=key, overrides=cfg.overrides, max_categories=cfg.max_categories, default_kind=cfg.default_kind
+    )

@@ -162,7 +162,8 @@ def train_and_register(
             mlflow.log_artifact(str(path), artifact_path="plots")
         training.write_dvc_outputs(metrics, reports_dir)
         bundle_path = save_bundle(bundle, settings.path(settings.train.model_dir) / model_name)
-        example = eval_df.head(5).reset_index(drop=True)
+        inputs = ([bundle.schema.key] if bundle.schema.key else []) + bundle.schema.names
+        example = eval_df.head(5).reset_index(drop=True)[inputs]
         signature = model_signature(bundle, example)
         info = mlflow.pyfunc.log_model(
             name="model",

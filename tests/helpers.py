@@ -10,10 +10,12 @@ from vae_models import VAEConfig, VAEModule, infer_schema
 from vae_models.data import table_loader
 
 
-def train_small(df: pd.DataFrame, epochs: int = 20, seed: int = 0, **config) -> tuple[VAEModule, object]:
+def train_small(
+    df: pd.DataFrame, epochs: int = 20, seed: int = 0, default_kind: str | None = None, **config
+) -> tuple[VAEModule, object]:
     """Fit a small VAE on `df` and return (module, schema)."""
     L.seed_everything(seed, verbose=False)
-    schema = infer_schema(df)
+    schema = infer_schema(df, default_kind=default_kind)
     enc = schema.encode(df)
     cfg = VAEConfig(
         **{"latent_dim": 2, "hidden_dims": [32, 32], "learning_rate": 5e-3, "kl_warmup_epochs": 1, **config}

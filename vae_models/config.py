@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class VAEConfig(BaseModel):
@@ -12,6 +14,11 @@ class VAEConfig(BaseModel):
 
     latent_dim: int = Field(8, ge=1, description="size of z")
     hidden_dims: list[int] = Field(default_factory=lambda: [128, 128], min_length=1)
+    architecture: Literal["mlp", "conv"] = Field(
+        "mlp", description="mlp for tables; conv reads the numeric columns as one image of image_shape"
+    )
+    image_shape: tuple[int, int] | None = Field(None, description="(height, width) for architecture=conv")
+    conv_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     beta: float = Field(1.0, gt=0.0, description="weight of the KL term (beta-VAE)")
     n_importance: int = Field(
@@ -25,3 +32,9 @@ class VAEConfig(BaseModel):
     logvar_max: float = 6.0
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _conv_needs_a_shape(self) -> VAEConfig:
+        if self.architecture == "conv" and self.image_shape is None:
+            raise ValueError("model.architecture=conv needs model.image_shape, e.g. [8, 8] or [28, 28]")
+        return self

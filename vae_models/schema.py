@@ -200,11 +200,13 @@ def infer_schema(
     key: str | None = None,
     overrides: dict[str, str] | None = None,
     max_categories: int = 150,
+    default_kind: str | None = None,
 ) -> TableSchema:
     """Infer column kinds from a reference table and fit each column's transform.
 
     Constant, all-null, datetime and high-cardinality text columns are left out with a reason;
-    `overrides` maps a column to numeric, categorical, binary or ignore.
+    `overrides` maps a column to numeric, categorical, binary or ignore; `default_kind` forces
+    every other column to one kind (e.g. numeric for the pixel columns of images).
     """
     overrides = dict(overrides or {})
     for column, kind in overrides.items():
@@ -214,6 +216,8 @@ def infer_schema(
             raise SchemaError(
                 f"schema override for column '{column}' is {kind!r}; use one of {OVERRIDE_KINDS}"
             )
+    if default_kind is not None and default_kind not in KINDS:
+        raise SchemaError(f"schema default kind is {default_kind!r}; use one of {KINDS}")
     if key is not None and key not in df.columns:
         raise SchemaError(f"key column '{key}' is not in the table (columns: {', '.join(df.columns)})")
     if len(df) == 0:
@@ -223,7 +227,7 @@ def infer_schema(
     for name in df.columns:
         if name == key:
             continue
-        kind, reason = _infer_kind(df[name], name, overrides.get(name), max_categories)
+        kind, reason = _infer_kind(df[name], name, overrides.get(name, default_kind), max_categories)
         if kind == "ignore":
             ignored[name] = reason
             continue

@@ -25,7 +25,7 @@ from vae_models.likelihoods import (
     kl_to_standard_normal,
     standard_normal_log_prob,
 )
-from vae_models.networks import mlp
+from vae_models.networks import ConvDecoder, ConvEncoder, mlp
 
 
 class TableBatch(NamedTuple):
@@ -75,18 +75,37 @@ class TabularVAE(nn.Module):
         self.config = config
         in_dim = 2 * n_num + sum(cat_sizes)
         out_dim = 2 * n_num + sum(cat_sizes)
-        self.encoder = mlp(in_dim, config.hidden_dims, 2 * config.latent_dim, config.dropout)
-        self.decoder = mlp(config.latent_dim, config.hidden_dims[::-1], out_dim, config.dropout)
+        if config.architecture == "conv":
+            h, w = config.image_shape
+            if n_num != h * w:
+                raise ValueError(
+                    f"architecture=conv with image_shape {h}x{w} needs {h * w} numeric (pixel) "
+                    f"columns; the table has {n_num}"
+                )
+            hidden = config.hidden_dims[0]
+            self.encoder = ConvEncoder(
+                (h, w), config.conv_channels, hidden, 2 * config.latent_dim, sum(cat_sizes)
+            )
+            self.decoder = ConvDecoder(
+                config.latent_dim, (h, w), config.conv_channels, hidden, sum(cat_sizes)
+            )
+        else:
+            self.encoder = mlp(in_dim, config.hidden_dims, 2 * config.latent_dim, config.dropout)
+            self.decoder = mlp(config.latent_dim, config.hidden_dims[::-1], out_dim, config.dropout)
 
     @property
     def n_cells(self) -> int:
         return self.n_num + len(self.cat_sizes)
 
-    def encoder_input(self, batch: TableBatch) -> torch.Tensor:
-        parts = [batch.x_num * batch.m_num, batch.m_num]
+    def _one_hot(self, batch: TableBatch) -> torch.Tensor:
+        parts = [batch.x_num.new_zeros((batch.x_num.shape[0], 0))]
         for j, size in enumerate(self.cat_sizes):
             parts.append(F.one_hot(batch.x_cat[:, j], size).to(batch.x_num.dtype) * batch.m_cat[:, j : j + 1])
         return torch.cat(parts, dim=-1)
+
+    def encoder_input(self, batch: TableBatch) -> torch.Tensor:
+        """The MLP encoder's input: masked numerics, their mask, masked one-hot categoricals."""
+        return torch.cat([batch.x_num * batch.m_num, batch.m_num, self._one_hot(batch)], dim=-1)
 
     def inference(self, batch: TableBatch, hide: float = 0.0) -> Posterior:
         """q(z|x): a diagonal Gaussian with bounded log-variance.
@@ -98,7 +117,10 @@ class TabularVAE(nn.Module):
             keep_num = (torch.rand_like(batch.m_num) >= hide).to(batch.m_num.dtype)
             keep_cat = (torch.rand_like(batch.m_cat) >= hide).to(batch.m_cat.dtype)
             batch = TableBatch(batch.x_num, batch.m_num * keep_num, batch.x_cat, batch.m_cat * keep_cat)
-        h = self.encoder(self.encoder_input(batch))
+        if self.config.architecture == "conv":
+            h = self.encoder(batch.x_num, batch.m_num, self._one_hot(batch))
+        else:
+            h = self.encoder(self.encoder_input(batch))
         mu, raw = h.chunk(2, dim=-1)
         return Posterior(mu, bounded_logvar(raw, self.config.logvar_min, self.config.logvar_max))
 
