@@ -148,7 +148,7 @@ def rollback(
     from pipelines import registry
 
     settings = _settings(params, sets)
-    old, new = registry.rollback(registry.get_client(settings), name)
+    old, new = registry.rollback(registry.get_client(settings), name, settings)
     typer.echo(f"{name}: champion moved from v{old} back to v{new}")
 
 
@@ -244,7 +244,7 @@ def stage_validate(params: Params = None, sets: Sets = None) -> None:
 @stage_app.command("train")
 def stage_train(params: Params = None, sets: Sets = None) -> None:
     """Train, evaluate, register and promote from the configured source's snapshot."""
-    from pipelines import ingest, registry, tracking, validation
+    from pipelines import flows, ingest, registry, tracking, validation
 
     settings = _settings(params, sets)
     from pipelines.warehouse import parse_ref
@@ -256,7 +256,8 @@ def stage_train(params: Params = None, sets: Sets = None) -> None:
     data = json.loads(report_path.read_text())
     report = validation.ValidationReport(data["suite"], data["data"], data["success"], [])
     trained = tracking.train_and_register(snap, settings, settings.mlflow.model_name, report)
-    decision = registry.promote(registry.get_client(settings), trained.name, trained.version, settings)
+    score = flows.rescorer(settings, str(snap.path), trained.name)
+    decision = registry.promote(registry.get_client(settings), trained.name, trained.version, settings, score)
     typer.echo(f"registered {trained.name} v{trained.version}; {decision.reason}")
 
 

@@ -100,6 +100,9 @@ class MLflowConfig(_Section):
 class PromotionConfig(_Section):
     metric: str = Field("eval_nll_per_cell", description="lower is better")
     min_improvement: float = Field(0.0, ge=0.0, description="required drop in the metric")
+    lock_url: str | None = Field(
+        None, description="PostgreSQL URL for the promotion lock when MLflow is a tracking server"
+    )
 
 
 class ScoreConfig(_Section):
@@ -118,6 +121,18 @@ class ScheduleConfig(_Section):
 
     retrain_cron: str = "0 2 * * *"
     score_cron: str = "30 3 * * *"
+    monitor_cron: str = "0 * * * *"
+
+
+class MonitorConfig(_Section):
+    """Drift of a new batch against the training reference (the `monitor` flow)."""
+
+    sample_rows: int = Field(50_000, ge=10, description="rows of each side compared")
+    column_threshold: float = Field(0.1, gt=0.0, le=1.0, description="KS / total variation per column")
+    null_threshold: float = Field(0.05, gt=0.0, le=1.0, description="change in a column's null fraction")
+    max_drifted_share: float = Field(0.2, ge=0.0, le=1.0, description="drift when more columns drift")
+    latent_threshold: float = Field(0.1, gt=0.0, le=1.0, description="drift when a latent KS exceeds it")
+    retrain_on_drift: bool = True
 
 
 class Settings(_Section):
@@ -137,6 +152,7 @@ class Settings(_Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

