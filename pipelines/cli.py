@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -186,27 +187,21 @@ def score(
 
 @app.command()
 def serve(params: Params = None, sets: Sets = None) -> None:
-    """Serve Prefect deployments of retrain and batch_score with cron schedules (needs a Prefect server)."""
+    """Serve the retrain, batch_score and monitor deployments on their crons (needs a Prefect server)."""
     if not os.environ.get("PREFECT_API_URL"):
         raise VaeflowError(
             "vaeflow serve needs a Prefect server: start one (prefect server start) and set PREFECT_API_URL"
         )
     from prefect import serve as prefect_serve
 
-    from pipelines.flows import batch_score, retrain
+    from pipelines.flows import batch_score, monitor, retrain
 
     settings = _settings(params, sets)
+    parameters = {"params": str(Path(params).resolve()) if params else None, "overrides": sets}
     prefect_serve(
-        retrain.to_deployment(
-            name="nightly",
-            cron=settings.schedule.retrain_cron,
-            parameters={"params": params, "overrides": sets},
-        ),
-        batch_score.to_deployment(
-            name="nightly",
-            cron=settings.schedule.score_cron,
-            parameters={"params": params, "overrides": sets},
-        ),
+        retrain.to_deployment(name="nightly", cron=settings.schedule.retrain_cron, parameters=parameters),
+        batch_score.to_deployment(name="nightly", cron=settings.schedule.score_cron, parameters=parameters),
+        monitor.to_deployment(name="hourly", cron=settings.schedule.monitor_cron, parameters=parameters),
     )
 
 

@@ -31,7 +31,31 @@ HISTORY_TAG = "vaeflow.champion_history"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, with the address, when an MLflow tracking server does not answer (instead of
+    MLflow's minutes of silent HTTP retries)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    shown = re.sub(r"//[^@/]*@", "//***@", uri)
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise RegistryError(
+                    f"MLflow tracking server {shown} answered /health with HTTP {resp.status}"
+                )
+    except (urllib.error.URLError, OSError) as exc:
+        raise RegistryError(
+            f"MLflow tracking server {shown} is unreachable ({getattr(exc, 'reason', exc)}); start it, or "
+            f"point MLFLOW_TRACKING_URI at a running server"
+        ) from exc
+
+
 def get_client(settings: Settings) -> MlflowClient:
+    """A client for the configured tracking store and registry (checked to be reachable)."""
+    check_reachable(settings.tracking_uri)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 

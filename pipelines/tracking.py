@@ -25,11 +25,13 @@ from pipelines import training
 from pipelines.config import Settings
 from pipelines.errors import RegistryError
 from pipelines.ingest import Snapshot
+from pipelines.registry import check_reachable
 from pipelines.scoring import DEFAULT_PARAMS, score_frame
 from pipelines.validation import ValidationReport
 from vae_models.bundle import ModelBundle, save_bundle
 
 log = logging.getLogger(__name__)
+CODE_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _SECRET = re.compile(r"://([^:/@]+):[^@]*@")
 
@@ -57,6 +59,7 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
     """Point MLflow at the configured store and get or create the experiment (default: the
     configured one); returns its id."""
     uri = settings.tracking_uri
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = name or settings.mlflow.experiment
@@ -93,7 +96,8 @@ def lineage_tags(snapshot: Snapshot, settings: Settings) -> dict[str, str]:
     """Where a version came from: code (git commit), data (snapshot hash, and DVC's hash when
     dvc.lock records the snapshot), configuration (params hash)."""
     tags = {"vaeflow.snapshot_md5": snapshot_md5(snapshot.path), "vaeflow.params_hash": params_hash(settings)}
-    commit = git_commit(settings.root)
+    tags["vaeflow.code_version"] = md.version("vaeflow")
+    commit = git_commit(CODE_ROOT) or git_commit(settings.root)  # the code that ran, else the project
     if commit:
         tags["vaeflow.git_commit"] = commit
     lock = settings.root / "dvc.lock"
@@ -113,11 +117,20 @@ def lineage_tags(snapshot: Snapshot, settings: Settings) -> dict[str, str]:
 
 
 def git_commit(root: Path) -> str | None:
+    """HEAD of the git checkout at `root` (None outside one); a dirty tree gets a `+dirty` suffix."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         )
-        return out.stdout.strip() or None
+        commit = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{commit}+dirty" if commit and dirty else commit or None
     except (OSError, subprocess.SubprocessError):
         return None
 
