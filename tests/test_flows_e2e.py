@@ -109,3 +109,24 @@ def test_second_training_is_challenger_and_gate_is_recorded(pipeline_run):
     assert client.get_model_version_by_alias("flights_small_vae", "champion").version == 1
     tags = client.get_model_version("flights_small_vae", "2").tags
     assert tags["promotion.promoted"] == "False" and "does not improve" in tags["promotion.reason"]
+
+
+def test_gate_rescores_the_champion_instead_of_trusting_its_logged_metric(pipeline_run):
+    from pipelines.flows import retrain
+
+    settings, out, _ = pipeline_run
+    client = registry.get_client(settings)
+    champion = client.get_model_version_by_alias("flights_small_vae", "champion")
+    # a champion whose logged metric was tampered with looks unbeatable ...
+    client.log_metric(champion.run_id, "eval_nll_per_cell", -1e9)
+    # ... but the gate re-scores it on the challenger's evaluation snapshot
+    new = retrain(params=str(settings.root / "params.yaml"), overrides=["train.max_epochs=3"])
+    tags = client.get_model_version("flights_small_vae", new["version"]).tags
+    champion_value = float(tags["promotion.champion_value"])
+    assert champion_value == pytest.approx(out["metrics"]["eval_nll_per_cell"], rel=1e-4)
+    assert "re-scored on the same evaluation snapshot" in tags["promotion.reason"]
+    assert tags["vaeflow.snapshot_md5"] and tags["vaeflow.params_hash"]
+    # 3 epochs beat 2 on the same data; rollback then restores the previous champion
+    assert new["promotion"]["promoted"], tags["promotion.reason"]
+    assert registry.rollback(client, "flights_small_vae", settings) == (new["version"], str(champion.version))
+    assert client.get_model_version_by_alias("flights_small_vae", "champion").version == champion.version

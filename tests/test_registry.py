@@ -74,3 +74,19 @@ def test_unknown_model_and_alias_are_clear_errors(store):
         registry.resolve(client, "models:/m@champion")
     with pytest.raises(RegistryError, match="malformed"):
         registry.resolve(client, "m@champion")
+
+
+def test_version_with_missing_artifacts_is_a_clear_error(store):
+    from pipelines.flows import _load_bundle
+
+    settings, client, add = store
+    v = add(1.0)  # registered, but its run never logged a model
+    with pytest.raises(RegistryError, match=f"cannot load models:/m/{v}"):
+        _load_bundle(settings, f"models:/m/{v}")
+
+
+def test_unreachable_tracking_server_fails_fast_with_the_address():
+    settings = load_settings("params.yaml", ["mlflow.tracking_uri=http://user:secret@127.0.0.1:9"])
+    with pytest.raises(RegistryError, match="unreachable") as err:
+        registry.get_client(settings)
+    assert "secret" not in str(err.value) and "127.0.0.1:9" in str(err.value)
