@@ -105,6 +105,18 @@ class PromotionConfig(_Section):
     )
 
 
+class DaskConfig(_Section):
+    """Scale-out of batch scoring over a Dask cluster (prefect-dask's DaskTaskRunner)."""
+
+    enabled: bool = False
+    address: str | None = Field(None, description="an existing scheduler, e.g. tcp://dask:8786; None = local")
+    n_workers: int = Field(2, ge=1, description="workers of the local cluster")
+    partition_rows: int = Field(1_000_000, ge=1, description="rows per partition (rounded to chunk_size)")
+    scratch_dir: str = Field(
+        "data/scratch", description="where partitions are written; must be shared by all workers"
+    )
+
+
 class ScoreConfig(_Section):
     jobs: list[Literal["impute", "anomaly", "embed", "sample"]] = Field(
         default_factory=lambda: ["impute", "anomaly", "embed", "sample"]
@@ -114,6 +126,8 @@ class ScoreConfig(_Section):
     sample_rows: int = Field(1000, ge=1)
     seed: int = 0
     dest_template: str = Field("{source}_{job}", description="output table per job")
+    progress_bar: bool = True
+    dask: DaskConfig = Field(default_factory=DaskConfig)
 
 
 class ScheduleConfig(_Section):

@@ -95,14 +95,70 @@ def promote_task(
     return decision
 
 
+@task(name="score-partition", cache_policy=NO_CACHE, **NETWORK_RETRIES)
+def score_partition_task(
+    settings: Settings, job: str, model_uri: str, source: str, part: scoring.Partition, tags: dict
+) -> int:
+    """One partition on one Dask worker: load the model from the registry, score, write Parquet."""
+    import torch
+
+    torch.set_num_threads(1)  # one thread per worker process: workers, not threads, scale out
+    bundle = _load_bundle(settings, model_uri)
+    return scoring.score_partition(bundle, job, source, part, settings, tags)
+
+
+@flow(name="score-partitions")
+def score_partitions(
+    settings: Settings, job: str, model_uri: str, source: str, parts: list[scoring.Partition], tags: dict
+) -> list[int]:
+    """Score every partition in parallel on the flow's task runner (a Dask cluster)."""
+    futures = [score_partition_task.submit(settings, job, model_uri, source, p, tags) for p in parts]
+    return [f.result() for f in futures]
+
+
+def dask_runner(settings: Settings):
+    """prefect-dask's DaskTaskRunner: an existing scheduler by address, or a local cluster."""
+    from prefect_dask import DaskTaskRunner
+
+    cfg = settings.score.dask
+    if cfg.address:
+        return DaskTaskRunner(address=cfg.address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": cfg.n_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
 @task(name="score", cache_policy=NO_CACHE)
 def score_task(
     settings: Settings, job: str, model_uri: str, source: str | None, dest: str
 ) -> scoring.JobResult:
+    return _score(settings, job, model_uri, source, dest)
+
+
+def _score(settings: Settings, job: str, model_uri: str, source: str | None, dest: str) -> scoring.JobResult:
     resolved = registry.resolve(registry.get_client(settings), model_uri)
     bundle = _load_bundle(settings, resolved.uri)
+    run_partitions = None
+    if settings.score.dask.enabled and job != "sample":
+
+        def run_partitions(parts: list[scoring.Partition], tags: dict) -> None:
+            flow_ = score_partitions.with_options(task_runner=dask_runner(settings))
+            flow_(settings, job, resolved.uri, source, parts, tags)
+
     result = scoring.run_job(
-        bundle, job, source, dest, settings, model_version=resolved.version, run_id=resolved.run_id
+        bundle,
+        job,
+        source,
+        dest,
+        settings,
+        model_version=resolved.version,
+        run_id=resolved.run_id,
+        run_partitions=run_partitions,
     )
     get_run_logger().info(
         "%s: %d rows -> %s (%.0f rows/s, model v%s)",
@@ -188,7 +244,13 @@ def batch_score(
     targets = {job: dest or settings.score.dest_template.format(source=name, job=job) for job in jobs}
     for target in targets.values():
         parse_ref(target, settings.warehouse_url)
-    return [asdict(score_task(settings, job, model_uri, source, target)) for job, target in targets.items()]
+    results = []
+    for job, target in targets.items():
+        if settings.score.dask.enabled and job != "sample":  # fans out to its own subflow on Dask
+            results.append(asdict(_score(settings, job, model_uri, source, target)))
+        else:
+            results.append(asdict(score_task(settings, job, model_uri, source, target)))
+    return results
 
 
 @task(name="drift-report", cache_policy=NO_CACHE, **NETWORK_RETRIES)

@@ -8,16 +8,20 @@ row tagged with the model version and run id.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from pipelines.config import JOBS, Settings
 from pipelines.errors import DataError, VaeflowError
-from pipelines.warehouse import TableRef, iter_frames, parse_ref, write_table
+from pipelines.warehouse import count_rows, iter_frames, parse_ref, write_table
 from vae_models import inference
 from vae_models.bundle import ModelBundle
 from vae_models.schema import SchemaError
@@ -93,26 +97,83 @@ class JobResult:
         return self.rows / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _chunks(
-    bundle: ModelBundle, job: str, src: TableRef | None, settings: Settings, tags: dict[str, str]
+def _scored(
+    bundle: ModelBundle,
+    job: str,
+    frames: Iterable[pd.DataFrame],
+    settings: Settings,
+    tags: dict,
+    first_chunk: int = 0,
 ) -> Iterator[pd.DataFrame]:
+    """Score a stream of chunks; chunk i of the table is seeded with `score.seed + i`, so a
+    partition starting at chunk `first_chunk` reproduces the single-process result exactly."""
     cfg = settings.score
-    if job == "sample":
-        left, i = cfg.sample_rows, 0
-        while left > 0:
-            n = min(left, cfg.chunk_size)
-            frame = score_frame(bundle, pd.DataFrame(), job, rows=n, seed=cfg.seed + i)
-            left, i = left - n, i + 1
-            yield frame.assign(**tags)
-        return
-    assert src is not None
-    seen = 0
-    for i, frame in enumerate(iter_frames(src, cfg.chunk_size)):
-        out = score_frame(bundle, frame, job, k=cfg.importance_samples, seed=cfg.seed + i)
-        seen += len(out)
+    for i, frame in enumerate(frames):
+        out = score_frame(bundle, frame, job, k=cfg.importance_samples, seed=cfg.seed + first_chunk + i)
         yield out.assign(**tags)
-    if seen == 0:
-        raise DataError(f"{src} has no rows to score")
+
+
+def _samples(bundle: ModelBundle, settings: Settings, tags: dict) -> Iterator[pd.DataFrame]:
+    cfg = settings.score
+    left, i = cfg.sample_rows, 0
+    while left > 0:
+        n = min(left, cfg.chunk_size)
+        yield score_frame(bundle, pd.DataFrame(), "sample", rows=n, seed=cfg.seed + i).assign(**tags)
+        left, i = left - n, i + 1
+
+
+def _progress(
+    frames: Iterable[pd.DataFrame], job: str, total: int | None, enabled: bool
+) -> Iterator[pd.DataFrame]:
+    """A progress bar of rows scored and rows/s (stderr), for long jobs."""
+    with tqdm(total=total, desc=f"score {job}", unit="rows", unit_scale=True, disable=not enabled) as bar:
+        for frame in frames:
+            yield frame
+            bar.update(len(frame))
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Rows [offset, offset + limit) of a source, scored by one worker into `path`."""
+
+    index: int
+    offset: int
+    limit: int
+    first_chunk: int  # the table-wide index of its first chunk (offsets are whole chunks)
+    path: str
+
+
+def plan_partitions(n_rows: int, settings: Settings, scratch: Path) -> list[Partition]:
+    """Row ranges aligned to whole chunks (so chunk seeds match the single-process run)."""
+    chunk = settings.score.chunk_size
+    per = max(1, -(-settings.score.dask.partition_rows // chunk)) * chunk
+    return [
+        Partition(
+            i, offset, min(per, n_rows - offset), offset // chunk, str(scratch / f"part-{i:05d}.parquet")
+        )
+        for i, offset in enumerate(range(0, n_rows, per))
+    ]
+
+
+def score_partition(
+    bundle: ModelBundle, job: str, source: str, part: Partition, settings: Settings, tags: dict
+) -> int:
+    """Score one partition of `source` into its own Parquet file (atomically); returns rows."""
+    src = parse_ref(source, settings.warehouse_url)
+    frames = iter_frames(src, settings.score.chunk_size, offset=part.offset, limit=part.limit)
+    return write_table(
+        parse_ref(part.path, settings.warehouse_url),
+        _scored(bundle, job, frames, settings, tags, part.first_chunk),
+    )
+
+
+def _read_parts(parts: list[Partition]) -> Iterator[pd.DataFrame]:
+    for part in parts:
+        for batch in pq.ParquetFile(part.path).iter_batches():
+            yield batch.to_pandas()
+
+
+PartitionRunner = Callable[[list[Partition], dict], None]
 
 
 def run_job(
@@ -124,8 +185,13 @@ def run_job(
     *,
     model_version: str,
     run_id: str,
+    run_partitions: PartitionRunner | None = None,
 ) -> JobResult:
-    """Stream `source` through `job` and atomically replace `dest` with the result."""
+    """Stream `source` through `job` and atomically replace `dest` with the result.
+
+    With `run_partitions` (e.g. Dask workers via Prefect), the source is cut into row ranges
+    that are scored in parallel into scratch Parquet files, then streamed into `dest` in order.
+    """
     if job != "sample" and not source:
         raise VaeflowError(f"job {job!r} needs --source")
     src = parse_ref(source, settings.warehouse_url) if source else None
@@ -133,8 +199,30 @@ def run_job(
     if src is not None and src == dst:
         raise VaeflowError(f"destination {dst} is the source table; choose another --dest")
     tags = {"model_version": str(model_version), "run_id": run_id}
+    cfg = settings.score
     start = time.perf_counter()
-    rows = write_table(dst, _chunks(bundle, job, src, settings, tags))
+    if src is None:
+        rows = write_table(
+            dst, _progress(_samples(bundle, settings, tags), job, cfg.sample_rows, cfg.progress_bar)
+        )
+    elif run_partitions is None:
+        total = count_rows(src) if src.kind != "csv" else None
+        if total == 0:
+            raise DataError(f"{src} has no rows to score")
+        chunks = _scored(bundle, job, iter_frames(src, cfg.chunk_size), settings, tags)
+        rows = write_table(dst, _progress(chunks, job, total, cfg.progress_bar))
+        if rows == 0:
+            raise DataError(f"{src} has no rows to score")
+    else:
+        total = count_rows(src)
+        if total == 0:
+            raise DataError(f"{src} has no rows to score")
+        scratch_root = settings.path(cfg.dask.scratch_dir)
+        scratch_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{job}-", dir=scratch_root) as scratch:
+            parts = plan_partitions(total, settings, Path(scratch))
+            run_partitions(parts, tags)
+            rows = write_table(dst, _progress(_read_parts(parts), job, total, cfg.progress_bar))
     seconds = time.perf_counter() - start
     result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
     log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)

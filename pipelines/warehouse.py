@@ -114,7 +114,7 @@ def _duckdb(path: str, read_only: bool = False):
     if read_only and not Path(path).exists():
         raise SourceError(f"DuckDB warehouse file {path} does not exist")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(path)
+    con = duckdb.connect(path, read_only=read_only)
     try:
         yield con
     finally:
@@ -175,9 +175,19 @@ def _fix_decimals(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def iter_frames(ref: TableRef, chunk_size: int = 50_000) -> Iterator[pd.DataFrame]:
-    """Stream a table as DataFrames of at most `chunk_size` rows, in table order."""
+def iter_frames(
+    ref: TableRef, chunk_size: int = 50_000, *, offset: int = 0, limit: int | None = None
+) -> Iterator[pd.DataFrame]:
+    """Stream a table as DataFrames of at most `chunk_size` rows, in table order.
+
+    `offset`/`limit` read one row range (a partition for distributed scoring): DuckDB and
+    PostgreSQL open read-only / ordered by physical row id, Parquet reads only the row groups
+    that overlap the range, CSV skips the rows before it.
+    """
     _require(ref)
+    if offset or limit is not None:
+        yield from _iter_range(ref, chunk_size, offset, limit)
+        return
     if ref.kind == "parquet":
         for batch in pq.ParquetFile(ref.location).iter_batches(batch_size=chunk_size):
             yield batch.to_pandas()
@@ -197,6 +207,74 @@ def iter_frames(ref: TableRef, chunk_size: int = 50_000) -> Iterator[pd.DataFram
             while rows := cur.fetchmany(chunk_size):
                 names = [d.name for d in cur.description]
                 yield _fix_decimals(pd.DataFrame.from_records(rows, columns=names))
+
+
+def _rechunk(frames: Iterator[pd.DataFrame], chunk_size: int) -> Iterator[pd.DataFrame]:
+    """Re-cut a stream of frames into frames of exactly `chunk_size` rows (the last may be short)."""
+    buffer: list[pd.DataFrame] = []
+    held = 0
+    for frame in frames:
+        buffer.append(frame)
+        held += len(frame)
+        while held >= chunk_size:
+            whole = (
+                pd.concat(buffer, ignore_index=True) if len(buffer) > 1 else buffer[0].reset_index(drop=True)
+            )
+            yield whole.iloc[:chunk_size].reset_index(drop=True)
+            rest = whole.iloc[chunk_size:]
+            buffer, held = ([rest] if len(rest) else []), len(rest)
+    if held:
+        yield pd.concat(buffer, ignore_index=True) if len(buffer) > 1 else buffer[0].reset_index(drop=True)
+
+
+def _iter_range(ref: TableRef, chunk_size: int, offset: int, limit: int | None) -> Iterator[pd.DataFrame]:
+    stop = None if limit is None else offset + limit
+    if ref.kind == "parquet":
+        pf = pq.ParquetFile(ref.location)
+
+        def pieces() -> Iterator[pd.DataFrame]:
+            start = 0
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                lo, hi = max(offset - start, 0), n if stop is None else min(stop - start, n)
+                if lo < hi:
+                    yield pf.read_row_group(g).slice(lo, hi - lo).to_pandas()
+                start += n
+                if stop is not None and start >= stop:
+                    return
+
+        yield from _rechunk(pieces(), chunk_size)
+    elif ref.kind == "csv":
+        reader = pd.read_csv(
+            ref.location, skiprows=range(1, offset + 1), nrows=limit, chunksize=chunk_size, low_memory=False
+        )
+        yield from reader
+    elif ref.kind == "duckdb":
+        with _duckdb(ref.location, read_only=True) as con:
+            sql = f"SELECT * FROM {ref.quoted()} LIMIT {int(limit) if limit is not None else 'ALL'} OFFSET {int(offset)}"
+            for batch in con.sql(sql).to_arrow_reader(chunk_size):
+                yield batch.to_pandas()
+    else:
+        with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_range") as cur:
+            cur.execute(f"SELECT * FROM {ref.quoted()} ORDER BY ctid LIMIT %s OFFSET %s", (limit, offset))
+            while rows := cur.fetchmany(chunk_size):
+                yield _fix_decimals(
+                    pd.DataFrame.from_records(rows, columns=[d.name for d in cur.description])
+                )
+
+
+def count_rows(ref: TableRef) -> int:
+    """Number of rows of a table (Parquet: from metadata; CSV: one pass over the file)."""
+    _require(ref)
+    if ref.kind == "parquet":
+        return pq.ParquetFile(ref.location).metadata.num_rows
+    if ref.kind == "csv":
+        return sum(len(f) for f in _iter_csv(ref.location, 500_000))
+    if ref.kind == "duckdb":
+        with _duckdb(ref.location, read_only=True) as con:
+            return int(con.execute(f"SELECT count(*) FROM {ref.quoted()}").fetchone()[0])
+    with _postgres(ref.location) as con:
+        return int(con.execute(f"SELECT count(*) FROM {ref.quoted()}").fetchone()[0])
 
 
 def _iter_csv(path: str, chunk_size: int) -> Iterator[pd.DataFrame]:

@@ -130,3 +130,25 @@ def test_gate_rescores_the_champion_instead_of_trusting_its_logged_metric(pipeli
     assert new["promotion"]["promoted"], tags["promotion.reason"]
     assert registry.rollback(client, "flights_small_vae", settings) == (new["version"], str(champion.version))
     assert client.get_model_version_by_alias("flights_small_vae", "champion").version == champion.version
+
+
+def test_dask_partitions_equal_the_single_process_result(pipeline_run):
+    """batch_score on a 2-worker LocalCluster (prefect-dask), 3 partitions: row for row equal."""
+    from pipelines.flows import batch_score
+
+    settings, _, _ = pipeline_run
+    overrides = [
+        "score.dask.enabled=true",
+        "score.dask.n_workers=2",
+        "score.dask.partition_rows=1000",
+        "score.dest_template='{source}_{job}_dask'",
+    ]
+    results = batch_score(
+        params=str(settings.root / "params.yaml"), overrides=overrides, jobs=["anomaly", "impute"]
+    )
+    assert [r["rows"] for r in results] == [3000, 3000]
+    for job in ("anomaly", "impute"):
+        single = read_frame(parse_ref(f"flights_small_{job}", settings.warehouse_url))
+        dask = read_frame(parse_ref(f"flights_small_{job}_dask", settings.warehouse_url))
+        pd.testing.assert_frame_equal(dask, single)
+    assert not any(settings.path(settings.score.dask.scratch_dir).iterdir())  # scratch cleaned up
