@@ -77,6 +77,8 @@ class TrainConfig(_Section):
     gradient_clip_val: float = Field(5.0, gt=0.0)
     accelerator: str = "auto"
     devices: int | str = "auto"
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp_spawn (CPU/notebooks), ddp, ...")
+    num_nodes: int = Field(1, ge=1)
     seed: int = 42
     deterministic: bool = True
     checkpoint_dir: str = "data/checkpoints"

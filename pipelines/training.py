@@ -30,17 +30,27 @@ log = logging.getLogger(__name__)
 
 
 class EpochHistory(Callback):
-    """Keeps each epoch's logged metrics in memory for the loss-curve plot."""
+    """Each epoch's logged metrics (for the loss-curve plot), appended to a JSON-lines file on
+    rank 0, so the history survives spawned DDP workers and a resumed fit."""
 
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         row = {"epoch": float(trainer.current_epoch)}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
-        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, float]]:
+        if not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        latest = {r["epoch"]: r for r in rows}  # an epoch redone after a crash counts once
+        return [latest[e] for e in sorted(latest)]
 
 
 @dataclass
@@ -70,13 +80,15 @@ def fit(
     train = schema.encode(train_df)
     val = schema.encode(val_df)
     module = VAEModule(len(schema.numeric), schema.cat_sizes, settings.model.model_dump())
-    history = EpochHistory()
     ckpt_dir = checkpoint_dir or settings.path(cfg.checkpoint_dir)
+    history = EpochHistory(Path(ckpt_dir) / "history.jsonl")
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_last=True)
     trainer = L.Trainer(
         max_epochs=cfg.max_epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
         logger=logger,
         callbacks=[
             EarlyStopping(monitor="val_loss", patience=cfg.patience),
@@ -91,9 +103,15 @@ def fit(
         log_every_n_steps=max(1, min(50, len(train) // cfg.batch_size)),
         num_sanity_val_steps=0,
     )
+    if "spawn" in str(cfg.strategy):
+        # tensors reach spawned workers through named shared-memory files, not passed fds,
+        # which fail in containers ("unable to resize file ... Invalid argument")
+        torch.multiprocessing.set_sharing_strategy("file_system")
     last = Path(ckpt_dir) / "last.ckpt"
     if last.exists():
         log.info("resuming training from %s", last)
+    else:
+        history.path.unlink(missing_ok=True)  # a fresh fit starts a fresh history
     trainer.fit(
         module,
         train_dataloaders=table_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed),
@@ -105,7 +123,8 @@ def fit(
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     module.cpu().eval()
-    return FitResult(module, history.rows, best, trainer.current_epoch)
+    rows = history.rows()
+    return FitResult(module, rows, best, len(rows))
 
 
 @dataclass

@@ -9,6 +9,14 @@ from tests.conftest import small_params
 from vae_models import infer_schema
 
 
+class EpochsRun(Callback):
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(trainer.current_epoch)
+
+
 class CrashAtEpoch(Callback):
     def __init__(self, epoch: int):
         self.epoch = epoch
@@ -26,7 +34,32 @@ def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights):
     with pytest.raises(RuntimeError, match="worker lost"):
         training.fit(train_df, val_df, schema, settings, checkpoint_dir=ckpt, callbacks=[CrashAtEpoch(2)])
     assert (ckpt / "last.ckpt").exists()
-    resumed = training.fit(train_df, val_df, schema, settings, checkpoint_dir=ckpt)
-    assert [int(r["epoch"]) for r in resumed.history] == [2, 3]  # epochs 0-1 were not redone
+    ran = EpochsRun()
+    resumed = training.fit(train_df, val_df, schema, settings, checkpoint_dir=ckpt, callbacks=[ran])
+    assert ran.epochs == [2, 3]  # epochs 0-1 were not redone
+    assert [int(r["epoch"]) for r in resumed.history] == [0, 1, 2, 3]  # the loss curve is whole
     fresh = training.fit(train_df, val_df, schema, settings, checkpoint_dir=tmp_path / "other")
     assert [int(r["epoch"]) for r in fresh.history] == [0, 1, 2, 3]
+
+
+def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path, flights):
+    """Lightning DDP (ddp_spawn, 2 CPU processes, gloo): one model, metrics logged by rank 0 only."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    settings = load_settings(
+        small_params(
+            tmp_path, train={"max_epochs": 2, "strategy": "ddp_spawn", "devices": 2, "accelerator": "cpu"}
+        )
+    )
+    train_df, val_df = flights.iloc[:2400], flights.iloc[2400:]
+    schema = infer_schema(train_df, key="rownames")
+    uri = f"sqlite:///{tmp_path}/m.db"
+    logger = MLFlowLogger(experiment_name="ddp", tracking_uri=uri)
+    run_id = logger.run_id  # created before the workers spawn, as tracking.train_and_register does
+    result = training.fit(train_df, val_df, schema, settings, logger=logger, checkpoint_dir=tmp_path / "ckpt")
+    assert result.epochs == 2 and [int(r["epoch"]) for r in result.history] == [0, 1]
+    assert result.best_checkpoint and result.module.vae.encoder is not None
+    client = mlflow.MlflowClient(uri)
+    assert len(client.get_metric_history(run_id, "val_loss")) == 2  # not 4: rank 1 stays quiet
+    assert len(client.search_runs([client.get_experiment_by_name("ddp").experiment_id])) == 1
