@@ -27,8 +27,9 @@ test: setup ## lint and the whole test suite (slow end-to-end tests included)
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: setup ## quality benchmark against classic imputers / detectors / PCA
+bench: setup ## quality (vs sklearn / PyOD / PCA) and throughput benchmarks, printed as tables
 	$(BIN)/python -m benchmarks.quality
+	$(BIN)/python -m benchmarks.throughput
 
 clean:
-	rm -rf data/warehouse.duckdb* data/snapshots data/checkpoints data/models mlflow.db mlartifacts reports
+	rm -rf data/warehouse.duckdb* data/snapshots data/checkpoints data/models data/scratch mlflow.db mlartifacts reports/benchmarks

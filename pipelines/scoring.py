@@ -8,7 +8,9 @@ row tagged with the model version and run id.
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -132,6 +134,50 @@ def _progress(
             bar.update(len(frame))
 
 
+_DONE = object()
+
+
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run an iterator in a background thread, `depth` items ahead of the consumer, so reading,
+    scoring and writing overlap (DuckDB, PostgreSQL and torch release the GIL). Errors are
+    re-raised in the consumer; a consumer that stops early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="vaeflow-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
 @dataclass(frozen=True)
 class Partition:
     """Rows [offset, offset + limit) of a source, scored by one worker into `path`."""
@@ -160,7 +206,7 @@ def score_partition(
 ) -> int:
     """Score one partition of `source` into its own Parquet file (atomically); returns rows."""
     src = parse_ref(source, settings.warehouse_url)
-    frames = iter_frames(src, settings.score.chunk_size, offset=part.offset, limit=part.limit)
+    frames = prefetch(iter_frames(src, settings.score.chunk_size, offset=part.offset, limit=part.limit))
     return write_table(
         parse_ref(part.path, settings.warehouse_url),
         _scored(bundle, job, frames, settings, tags, part.first_chunk),
@@ -209,7 +255,7 @@ def run_job(
         total = count_rows(src) if src.kind != "csv" else None
         if total == 0:
             raise DataError(f"{src} has no rows to score")
-        chunks = _scored(bundle, job, iter_frames(src, cfg.chunk_size), settings, tags)
+        chunks = _scored(bundle, job, prefetch(iter_frames(src, cfg.chunk_size)), settings, tags)
         rows = write_table(dst, _progress(chunks, job, total, cfg.progress_bar))
         if rows == 0:
             raise DataError(f"{src} has no rows to score")

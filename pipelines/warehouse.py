@@ -142,8 +142,9 @@ def _sql_parts(ref: TableRef) -> tuple[str, str]:
     return ("main" if ref.kind == "duckdb" else "public"), ref.table[0]
 
 
-def table_exists(ref: TableRef) -> bool:
-    """Whether the file or table exists."""
+def table_exists(ref: TableRef, read_only: bool = False) -> bool:
+    """Whether the file or table exists (`read_only`: open DuckDB read-only, as concurrent
+    partition readers in other processes must)."""
     if ref.is_file:
         return Path(ref.location).is_file()
     schema, table = _sql_parts(ref)
@@ -151,14 +152,14 @@ def table_exists(ref: TableRef) -> bool:
     if ref.kind == "duckdb":
         if not Path(ref.location).exists():
             return False
-        with _duckdb(ref.location) as con:
+        with _duckdb(ref.location, read_only=read_only) as con:
             return con.execute(sql.replace("%s", "?"), [schema, table]).fetchone()[0] > 0
     with _postgres(ref.location) as con:
         return con.execute(sql, (schema, table)).fetchone()[0] > 0
 
 
-def _require(ref: TableRef) -> None:
-    if not table_exists(ref):
+def _require(ref: TableRef, read_only: bool = False) -> None:
+    if not table_exists(ref, read_only):
         what = "file" if ref.is_file else "table"
         raise SourceError(f"{what} {ref} does not exist; check the name (and the warehouse URL)")
 
@@ -184,10 +185,11 @@ def iter_frames(
     PostgreSQL open read-only / ordered by physical row id, Parquet reads only the row groups
     that overlap the range, CSV skips the rows before it.
     """
-    _require(ref)
     if offset or limit is not None:
+        _require(ref, read_only=True)
         yield from _iter_range(ref, chunk_size, offset, limit)
         return
+    _require(ref)
     if ref.kind == "parquet":
         for batch in pq.ParquetFile(ref.location).iter_batches(batch_size=chunk_size):
             yield batch.to_pandas()
@@ -265,7 +267,7 @@ def _iter_range(ref: TableRef, chunk_size: int, offset: int, limit: int | None) 
 
 def count_rows(ref: TableRef) -> int:
     """Number of rows of a table (Parquet: from metadata; CSV: one pass over the file)."""
-    _require(ref)
+    _require(ref, read_only=True)
     if ref.kind == "parquet":
         return pq.ParquetFile(ref.location).metadata.num_rows
     if ref.kind == "csv":

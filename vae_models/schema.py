@@ -157,9 +157,8 @@ class TableSchema:
         for j, spec in enumerate(cat):
             series = df[spec.name]
             missing = series.isna().to_numpy()
-            index = {level: i for i, level in enumerate(spec.categories)}
-            codes = series.map(index).to_numpy(dtype="float64", na_value=np.nan)
-            codes = np.where(np.isnan(codes), spec.n_classes - 1, codes)  # unseen level
+            codes = _level_index(spec.categories).get_indexer(series)
+            codes = np.where(codes < 0, spec.n_classes - 1, codes)  # unseen level
             x_cat[:, j] = np.where(missing, 0, codes).astype(np.int64)
             m_cat[:, j] = ~missing
         return EncodedTable(x_num, m_num, x_cat, m_cat)
@@ -176,6 +175,13 @@ class TableSchema:
             levels = np.array(spec.categories + [None], dtype=object)
             out[spec.name] = _restore_levels(levels[cat_codes[:, j]], spec.dtype)
         return pd.DataFrame(out)[[c.name for c in self.columns]]
+
+
+def _level_index(levels: list[Any]) -> pd.Index:
+    """A hash index of a column's levels (vectorised lookup; -1 for unseen levels)."""
+    if levels and all(isinstance(v, str) for v in levels):
+        return pd.Index(levels, dtype="str")
+    return pd.Index(levels, dtype=object)
 
 
 def _restore_numeric(values: np.ndarray, dtype: str) -> pd.Series:

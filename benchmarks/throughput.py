@@ -1,0 +1,330 @@
+"""Throughput benchmark: batch scoring end to end against the bare network, memory, training
+loop overhead and Dask scale-out, all measured in one run on this machine.
+
+    python -m benchmarks.throughput [--rows 10000000] [--k 8] [--out reports/benchmarks/throughput.json]
+
+1. a generated DuckDB table (`--rows`, 10 numeric + 2 categorical columns, 5% nulls);
+2. rows/s of each job (embed, anomaly and impute with K samples), read -> score -> atomic write,
+   against the same network's bare forward pass over in-memory tensors at the same batch size;
+3. peak RSS of each job at 1 M rows and at `--rows` (each job runs in its own process);
+4. seconds per epoch of Lightning training against a hand-written torch loop (same data,
+   model, batch size, optimiser and gradient clipping);
+5. the anomaly job on 1 vs 2 Dask workers (dask.distributed LocalCluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 50_000
+TRAIN_ROWS = 500_000
+
+
+def make_table(path: Path, rows: int, table: str = "bench") -> None:
+    """A synthetic warehouse table generated inside DuckDB (correlated numerics, categories, nulls)."""
+    import duckdb
+
+    con = duckdb.connect(str(path))
+    num = ", ".join(
+        f"CASE WHEN random() < 0.05 THEN NULL ELSE f + {i % 3} * g + random() END AS x{i}" for i in range(10)
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {table} AS
+        SELECT id, {num},
+               CASE WHEN random() < 0.05 THEN NULL ELSE 'c' || CAST(floor(abs(f) * 3) AS INT) END AS cat_a,
+               CASE WHEN g > 0 THEN 'yes' ELSE 'no' END AS cat_b
+        FROM (SELECT range AS id, sqrt(-2 * ln(random())) * cos(2 * pi() * random()) AS f,
+                     sqrt(-2 * ln(random())) * cos(2 * pi() * random()) AS g
+              FROM range({rows}))
+        """
+    )
+    con.close()
+
+
+def settings_for(workdir: Path, warehouse: Path, k: int):
+    from pipelines.config import load_settings
+
+    return load_settings(
+        None,
+        [
+            f"warehouse.url=duckdb:///{warehouse}",
+            f"score.chunk_size={CHUNK}",
+            f"score.importance_samples={k}",
+            "score.progress_bar=false",
+            "train.progress_bar=false",
+            "train.max_epochs=1",
+            "train.batch_size=1024",
+            f"train.checkpoint_dir={workdir / 'ckpt'}",
+            f"snapshot.dir={workdir / 'snap'}",
+        ],
+    )
+
+
+def train_bundle(workdir: Path, warehouse: Path, k: int):
+    """A model trained for one epoch on the first 500k rows (speed does not depend on quality)."""
+    from pipelines import training
+    from pipelines.warehouse import parse_ref, read_frame
+    from vae_models import infer_schema
+    from vae_models.bundle import ModelBundle, save_bundle
+
+    settings = settings_for(workdir, warehouse, k)
+    df = read_frame(parse_ref("bench", settings.warehouse_url), max_rows=TRAIN_ROWS)
+    schema = infer_schema(df, key="id")
+    result = training.fit(
+        df.iloc[:-20000], df.iloc[-20000:], schema, settings, checkpoint_dir=workdir / "ckpt"
+    )
+    bundle = ModelBundle(vae=result.module.vae, schema=schema, extra={"anomaly_threshold": 3.0})
+    return save_bundle(bundle, workdir / "model"), df
+
+
+def score_main(args: list[str]) -> None:
+    """Child process: run one job end to end and print its JSON result (RSS read by the parent)."""
+    workdir, warehouse, job, k, source = Path(args[0]), Path(args[1]), args[2], int(args[3]), args[4]
+    from pipelines.scoring import run_job
+    from vae_models.bundle import load_bundle
+
+    settings = settings_for(workdir, warehouse, k)
+    bundle = load_bundle(workdir / "model")
+    result = run_job(bundle, job, source, f"{source}_{job}", settings, model_version="bench", run_id="bench")
+    print(json.dumps({"rows": result.rows, "seconds": result.seconds}))
+
+
+def run_child(workdir: Path, warehouse: Path, job: str, k: int, source: str) -> dict:
+    """Run a job in its own process; returns rows/s and the process's peak RSS (wait4)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.throughput",
+            "--child",
+            str(workdir),
+            str(warehouse),
+            job,
+            str(k),
+            source,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{job} on {source} failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["rows_per_s"] = result["rows"] / result["seconds"]
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
+def bare_rows_per_s(bundle, df, job: str, k: int) -> float:
+    """The same network on in-memory tensors, at the batch sizes the jobs use."""
+    import torch
+
+    from vae_models import inference
+
+    table = bundle.schema.encode(df)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    if job == "embed":
+        inference.embed(bundle.vae, table)
+    elif job == "anomaly":
+        inference.anomaly_scores(bundle.vae, table, k=k)
+    else:
+        inference.impute(bundle.vae, table, k=k)
+    return len(df) / (time.perf_counter() - start)
+
+
+def training_epochs(df, schema, epochs: int = 3) -> dict:
+    """Seconds per epoch: Lightning Trainer vs a plain torch loop (epoch 0 is warm-up, excluded)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from vae_models import VAEConfig, VAEModule
+    from vae_models.data import table_loader
+    from vae_models.vae import TableBatch
+
+    config = VAEConfig(latent_dim=8, hidden_dims=[128, 128], kl_warmup_epochs=0).model_dump()
+    table = schema.encode(df)
+
+    class Timer(Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.times.append(time.perf_counter() - self.t0)
+
+    L.seed_everything(0, verbose=False)
+    timer = Timer()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=5.0,
+        callbacks=[timer],
+    )
+    trainer.fit(
+        VAEModule(len(schema.numeric), schema.cat_sizes, config), table_loader(table, 1024, shuffle=True)
+    )
+
+    L.seed_everything(0, verbose=False)
+    module = VAEModule(len(schema.numeric), schema.cat_sizes, config)
+    opt = module.configure_optimizers()
+    loader = table_loader(table, 1024, shuffle=True)
+    plain = []
+    module.train()
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for batch in loader:
+            loss = module.vae.loss(
+                TableBatch(*batch), kl_weight=1.0, hide=module.config.encoder_hide_rate
+            ).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
+            opt.step()
+        plain.append(time.perf_counter() - t0)
+    lightning_s, plain_s = float(np.median(timer.times[1:])), float(np.median(plain[1:]))
+    return {
+        "rows": len(df),
+        "lightning_s_per_epoch": lightning_s,
+        "plain_s_per_epoch": plain_s,
+        "ratio": lightning_s / plain_s,
+    }
+
+
+def dask_scaleout(workdir: Path, warehouse: Path, bundle_path: Path, k: int, source: str) -> dict:
+    """The anomaly job's partitions on a LocalCluster of 1 and of 2 single-threaded workers."""
+    from dask.distributed import Client, LocalCluster
+
+    from pipelines.scoring import plan_partitions, score_partition
+    from pipelines.warehouse import count_rows, parse_ref
+    from vae_models.bundle import load_bundle
+
+    settings = settings_for(workdir, warehouse, k)
+    settings.score.dask.partition_rows = 250_000
+    total = count_rows(parse_ref(source, settings.warehouse_url))
+    out = {}
+    for workers in (1, 2):
+        scratch = Path(tempfile.mkdtemp(dir=workdir))
+        parts = plan_partitions(total, settings, scratch)
+        with (
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            client.run(lambda: __import__("torch").set_num_threads(1))
+            bundle = client.scatter(load_bundle(bundle_path), broadcast=True)
+            start = time.perf_counter()
+            futures = [
+                client.submit(score_partition, bundle, "anomaly", source, p, settings, {}, pure=False)
+                for p in parts
+            ]
+            rows = sum(client.gather(futures))
+            out[workers] = {"rows": rows, "seconds": time.perf_counter() - start}
+    out["speedup"] = out[1]["seconds"] / out[2]["seconds"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return score_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--k", type=int, default=8, help="importance samples of anomaly and impute")
+    parser.add_argument("--out", default="reports/benchmarks/throughput.json")
+    args = parser.parse_args(argv)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    t_start = time.perf_counter()
+    results: dict = {"rows": args.rows, "k": args.k, "chunk_size": CHUNK, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="vaeflow-bench-") as tmp:
+        workdir = Path(tmp)
+        warehouse = workdir / "bench.duckdb"
+        t0 = time.perf_counter()
+        make_table(warehouse, args.rows)
+        small = min(1_000_000, args.rows)
+        import duckdb
+
+        with duckdb.connect(str(warehouse)) as con:
+            con.execute(f"CREATE TABLE bench_1m AS SELECT * FROM bench LIMIT {small}")
+        results["generate_s"] = time.perf_counter() - t0
+        bundle_path, sample = train_bundle(workdir, warehouse, args.k)
+        from vae_models.bundle import load_bundle
+
+        bundle = load_bundle(bundle_path)
+        jobs = {}
+        for job in ("embed", "anomaly", "impute"):
+            bare = bare_rows_per_s(bundle, sample.iloc[:200_000], job, args.k)
+            big = run_child(workdir, warehouse, job, args.k, "bench")
+            one_m = run_child(workdir, warehouse, job, args.k, "bench_1m")
+            jobs[job] = {
+                "e2e_rows_per_s": big["rows_per_s"],
+                "bare_rows_per_s": bare,
+                "ratio": big["rows_per_s"] / bare,
+                "peak_rss_mb_1m": one_m["peak_rss_mb"],
+                "peak_rss_mb_full": big["peak_rss_mb"],
+                "seconds": big["seconds"],
+            }
+            print(f"{job}: {jobs[job]}", flush=True)
+        results["jobs"] = jobs
+        results["training"] = training_epochs(sample, bundle.schema)
+        print(f"training: {results['training']}", flush=True)
+        results["dask"] = dask_scaleout(workdir, warehouse, bundle_path, args.k, "bench_1m")
+    results["seconds"] = time.perf_counter() - t_start
+    print(report(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    tmp_out.replace(out)
+    print(f"\nwrote {out}")
+
+
+def report(r: dict) -> str:
+    full = f"{r['rows'] / 1e6:g}M"
+    lines = [
+        f"\nBatch scoring, DuckDB -> DuckDB, {full} rows, chunk {r['chunk_size']}, K={r['k']} ({r['cpus']} CPUs)",
+        f"{'job':>8} {'e2e rows/s':>12} {'bare rows/s':>12} {'e2e/bare':>9} {'RSS 1M MB':>10} {'RSS ' + full + ' MB':>11}",
+    ]
+    for job, j in r["jobs"].items():
+        lines.append(
+            f"{job:>8} {j['e2e_rows_per_s']:12.0f} {j['bare_rows_per_s']:12.0f} {j['ratio']:9.2f} "
+            f"{j['peak_rss_mb_1m']:10.0f} {j['peak_rss_mb_full']:11.0f}"
+        )
+    t = r["training"]
+    lines += [
+        f"\nTraining, {t['rows']} rows, batch 1024: Lightning {t['lightning_s_per_epoch']:.2f} s/epoch, "
+        f"plain torch loop {t['plain_s_per_epoch']:.2f} s/epoch, ratio {t['ratio']:.2f}",
+        f"Dask scale-out (anomaly, 1M rows): 1 worker {r['dask'][1]['seconds']:.1f} s, "
+        f"2 workers {r['dask'][2]['seconds']:.1f} s, speedup {r['dask']['speedup']:.2f}x",
+        f"\nwall time {r['seconds']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
