@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pipelines.errors import SourceError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+DUCKDB_MEMORY_LIMIT = os.environ.get("VAEFLOW_DUCKDB_MEMORY_LIMIT", "512MB")
 FILE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 
 
@@ -115,6 +116,9 @@ def _duckdb(path: str, read_only: bool = False):
         raise SourceError(f"DuckDB warehouse file {path} does not exist")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(path, read_only=read_only)
+    # DuckDB keeps written data in its buffer pool until a checkpoint; a bounded pool keeps a
+    # job's memory flat however large the table it writes
+    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     try:
         yield con
     finally:
