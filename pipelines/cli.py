@@ -133,7 +133,15 @@ def promote(
     if version is None:
         registry.resolve(client, f"models:/{name}/1")  # clear error for an unknown model
         version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
-    decision = registry.promote(client, name, version, settings)
+    registry.resolve(client, f"models:/{name}/{version}")  # clear error for an unknown version
+    snapshot = client.get_model_version(name, version).tags.get("vaeflow.snapshot")
+    snap_path = settings.path(settings.snapshot.dir) / snapshot if snapshot else None
+    score = None
+    if snap_path is not None and snap_path.is_dir():  # re-score both on the challenger's eval split
+        from pipelines.flows import rescorer
+
+        score = rescorer(settings, str(snap_path), name)
+    decision = registry.promote(client, name, version, settings, score)
     typer.echo(
         f"{name} v{version}: {'promoted to champion' if decision.promoted else 'not promoted'} ({decision.reason})"
     )
