@@ -249,7 +249,7 @@ def _table(title: str, rows: list[dict], cols: list[str], lower_is_better: bool)
     for row in rows:
         peers = {c: row[c] for c in cols if c != "vaeflow"}
         best_name = (min if lower_is_better else max)(peers, key=peers.get)
-        ratio = row["vaeflow"] / peers[best_name] if peers[best_name] else float("nan")
+        ratio = row["vaeflow"] / peers[best_name] if abs(peers[best_name]) > 1e-9 else float("inf")
         wins = row["vaeflow"] <= peers[best_name] if lower_is_better else row["vaeflow"] >= peers[best_name]
         cells = [f"{row['table']:>13}", *(f"{row[c]:13.4f}" for c in cols), f"{best_name:>13}"]
         lines.append(" ".join(cells) + f" {ratio:12.3f} {'win' if wins else 'loss'}")

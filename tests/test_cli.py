@@ -185,3 +185,41 @@ def test_serve_without_a_server_says_what_to_do(project, monkeypatch):
 def test_read_back_helper_sees_project_warehouse(project, flights):
     settings = load_settings(project)
     assert len(read_frame(parse_ref("flights_small", settings.warehouse_url))) == len(flights)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_warehouse_password_never_reaches_mlflow_or_logs(tmp_path, prefect_api, flights):
+    """Train from a PostgreSQL table whose URL carries a password (the test server trusts
+    local connections, so any password works): MLflow params, tags and the output omit it."""
+    import uuid
+
+    import mlflow
+
+    from pipelines.warehouse import write_table
+    from tests.test_warehouse import PG_URL
+
+    secret = "s3cret-pw-42"
+    url = PG_URL.replace("postgresql://postgres@", f"postgresql://postgres:{secret}@")
+    table = f"pw_{uuid.uuid4().hex[:8]}"
+    write_table(parse_ref(f"{url}#{table}", "duckdb:///unused"), [flights.head(1500)])
+    params = small_params(tmp_path, data={"source": table}, warehouse={"url": url})
+    try:
+        code, out, err = vaeflow(
+            prefect_api, "train", "--source", table, "--key", "rownames", "--params", str(params)
+        )
+        assert code == 0, err[-3000:]
+        assert secret not in out and secret not in err
+        settings = load_settings(params)
+        client = mlflow.MlflowClient(settings.tracking_uri)
+        exp = client.get_experiment_by_name(settings.mlflow.experiment)
+        (run,) = client.search_runs([exp.experiment_id])
+        blob = repr(run.data.params) + repr(run.data.tags)
+        for mv in client.search_model_versions(f"name='{table}_vae'"):
+            blob += repr(mv.tags)
+        assert "***" in blob and secret not in blob
+    finally:
+        import psycopg
+
+        with psycopg.connect(PG_URL, autocommit=True) as con:
+            con.execute(f'DROP TABLE IF EXISTS "{table}"')

@@ -152,3 +152,27 @@ def test_dask_partitions_equal_the_single_process_result(pipeline_run):
         dask = read_frame(parse_ref(f"flights_small_{job}_dask", settings.warehouse_url))
         pd.testing.assert_frame_equal(dask, single)
     assert not any(settings.path(settings.score.dask.scratch_dir).iterdir())  # scratch cleaned up
+
+
+def test_monitor_reports_drift_to_mlflow_and_triggers_retrain(pipeline_run, flights):
+    """A shifted batch of the table: drift detected, report logged, a new version trained."""
+    from pipelines.flows import monitor
+
+    settings, _, _ = pipeline_run
+    params = str(settings.root / "params.yaml")
+    calm = monitor(params=params)
+    assert not calm["drifted"] and calm["retrain"] is None
+    shifted = flights.copy()
+    shifted["dep_delay"] = shifted["dep_delay"] + 120
+    shifted["distance"] = shifted["distance"] * 3
+    shifted["air_time"] = shifted["air_time"] * 3
+    write_table(parse_ref("flights_small", settings.warehouse_url), [shifted])
+    client = registry.get_client(settings)
+    before = len(client.search_model_versions("name='flights_small_vae'"))
+    out = monitor(params=params)
+    assert out["drifted"]
+    assert out["report"]["columns"]["dep_delay"]["drifted"] and out["report"]["latent_statistic"] > 0.1
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.tags["vaeflow.drifted"] == "True" and run.data.metrics["drift.dep_delay"] > 0.5
+    assert out["retrain"] is not None
+    assert len(client.search_model_versions("name='flights_small_vae'")) == before + 1
