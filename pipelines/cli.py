@@ -299,6 +299,7 @@ def stage_score(params: Params = None, sets: Sets = None) -> None:
 def main() -> None:
     """Entry point: one clear error line and exit code 2 for every `VaeflowError`."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # stages run outside flows
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
