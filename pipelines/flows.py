@@ -177,6 +177,7 @@ def _load_bundle(settings: Settings, uri: str):
     from pipelines.errors import RegistryError
 
     mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)  # one store for runs and registry, as everywhere
     try:
         model = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # missing artifacts, unreachable store

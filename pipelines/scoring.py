@@ -240,14 +240,14 @@ def run_job(
     """
     if job != "sample" and not source:
         raise VaeflowError(f"job {job!r} needs --source")
-    src = parse_ref(source, settings.warehouse_url) if source else None
+    src = parse_ref(source, settings.warehouse_url) if source and job != "sample" else None
     dst = parse_ref(dest, settings.warehouse_url)
     if src is not None and src == dst:
         raise VaeflowError(f"destination {dst} is the source table; choose another --dest")
     tags = {"model_version": str(model_version), "run_id": run_id}
     cfg = settings.score
     start = time.perf_counter()
-    if src is None:
+    if job == "sample":
         rows = write_table(
             dst, _progress(_samples(bundle, settings, tags), job, cfg.sample_rows, cfg.progress_bar)
         )

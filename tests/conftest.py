@@ -12,6 +12,7 @@ import yaml
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ.pop("VAEFLOW_WAREHOUSE_URL", None)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,10 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_env():
-    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; keep one test's store out of the next."""
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    """mlflow.set_tracking_uri / set_registry_uri export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI;
+    keep one test's store out of the next."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(var, None)
     yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(var, None)
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,7 @@ def topology(tmp_path_factory, flights):
     warehouse = f"{base}/{db}"
     mlflow_port, prefect_port = _free_port(), _free_port()
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "MLFLOW_REGISTRY_URI"},
         "PREFECT_HOME": str(root / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
