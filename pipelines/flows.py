@@ -1,4 +1,5 @@
-"""Prefect flows: `retrain` (seed .. promote) and `batch_score` (jobs over one table).
+"""Prefect flows: `retrain` (seed .. promote), `batch_score` (jobs over one table, optionally
+fanned out over a Dask cluster as the `score-partitions` subflow) and `monitor` (drift).
 
 Tasks are thin wrappers around the stage functions; parameters are plain JSON values (a
 params file and `--set` overrides), so the same flows run from the CLI, a deployment or a test.
@@ -17,12 +18,27 @@ from prefect.runtime import flow_run
 
 from pipelines import drift, ingest, registry, scoring, tracking, training, validation
 from pipelines.config import Settings, load_settings
-from pipelines.errors import DataError
+from pipelines.errors import DataError, VaeflowError
 from pipelines.warehouse import iter_frames, parse_ref
 from vae_models.schema import SchemaError
 
 log = logging.getLogger(__name__)
-NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry what may pass on a second try (a dropped connection, a busy server), not the
+    clear errors about the input or config (`VaeflowError`), which would fail again."""
+    try:
+        state.result()
+    except VaeflowError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+# tasks that touch the network (warehouse, tracking server): retried with backoff
+NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _transient}
 
 
 @task(name="seed-warehouse", cache_policy=NO_CACHE, **NETWORK_RETRIES)
@@ -31,7 +47,7 @@ def seed_task(settings: Settings) -> str | None:
     return str(ref) if ref else None
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+@task(name="ingest", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def ingest_task(settings: Settings, source: str, key: str | None) -> str:
     return str(ingest.take_snapshot(settings, source, key).path)
 
@@ -133,7 +149,7 @@ def dask_runner(settings: Settings):
     )
 
 
-@task(name="score", cache_policy=NO_CACHE)
+@task(name="score", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def score_task(
     settings: Settings, job: str, model_uri: str, source: str | None, dest: str
 ) -> scoring.JobResult:
@@ -236,8 +252,6 @@ def batch_score(
     source = source or settings.data.source
     jobs = jobs or list(settings.score.jobs)
     if dest and len(jobs) > 1:
-        from pipelines.errors import VaeflowError
-
         raise VaeflowError(
             "--dest names one table; give one job, or leave --dest out to use score.dest_template"
         )
@@ -274,8 +288,6 @@ def drift_task(settings: Settings, source: str) -> dict:
     ref = parse_ref(source, settings.warehouse_url)
     current = drift.reservoir_sample(iter_frames(ref, settings.score.chunk_size), cfg.sample_rows)
     if current.empty:
-        from pipelines.errors import DataError
-
         raise DataError(f"{ref} has no rows; nothing to compare with the training reference")
     report = drift.drift_report(
         bundle,

@@ -174,3 +174,32 @@ def test_monitor_reports_drift_to_mlflow_and_triggers_retrain(pipeline_run, flig
     assert run.data.tags["vaeflow.drifted"] == "True" and run.data.metrics["drift.dep_delay"] > 0.5
     assert out["retrain"] is not None
     assert len(client.search_model_versions("name='flights_small_vae'")) == before + 1
+
+
+def test_network_tasks_retry_transient_errors_but_not_bad_input(prefect_harness):
+    from prefect import flow, task
+
+    from pipelines.errors import SourceError
+    from pipelines.flows import NETWORK_RETRIES
+
+    calls = {"flaky": 0, "bad": 0}
+
+    @task(**{**NETWORK_RETRIES, "retry_delay_seconds": 0})
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise ConnectionError("server went away")
+        return "ok"
+
+    @task(**{**NETWORK_RETRIES, "retry_delay_seconds": 0})
+    def bad_input():
+        calls["bad"] += 1
+        raise SourceError("table 'nope' does not exist")
+
+    @flow
+    def run():
+        return flaky(), bad_input(return_state=True)
+
+    value, state = run()
+    assert value == "ok" and calls["flaky"] == 3  # two retries, then success
+    assert state.is_failed() and calls["bad"] == 1  # a clear input error is not retried
