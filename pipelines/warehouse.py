@@ -185,31 +185,32 @@ def iter_frames(
 ) -> Iterator[pd.DataFrame]:
     """Stream a table as DataFrames of at most `chunk_size` rows, in table order.
 
-    `offset`/`limit` read one row range (a partition for distributed scoring): DuckDB and
-    PostgreSQL open read-only / ordered by physical row id, Parquet reads only the row groups
-    that overlap the range, CSV skips the rows before it.
+    `offset`/`limit` read one row range (a partition for distributed scoring): DuckDB opens
+    read-only (partition readers run in parallel processes), PostgreSQL orders by physical row
+    id, Parquet reads only the row groups that overlap the range, CSV skips the rows before it.
     """
-    if offset or limit is not None:
-        _require(ref, read_only=True)
-        yield from _iter_range(ref, chunk_size, offset, limit)
-        return
-    _require(ref)
+    ranged = bool(offset) or limit is not None
+    _require(ref, read_only=ranged)
     if ref.kind == "parquet":
-        for batch in pq.ParquetFile(ref.location).iter_batches(batch_size=chunk_size):
-            yield batch.to_pandas()
+        if ranged:
+            yield from _rechunk(_parquet_range(ref.location, offset, limit), chunk_size)
+        else:
+            for batch in pq.ParquetFile(ref.location).iter_batches(batch_size=chunk_size):
+                yield batch.to_pandas()
     elif ref.kind == "csv":
-        yield from _iter_csv(ref.location, chunk_size)
+        yield from _iter_csv(ref.location, chunk_size, offset, limit)
     elif ref.kind == "duckdb":
-        with _duckdb(ref.location) as con:
-            relation = con.sql(f"SELECT * FROM {ref.quoted()}")
+        window = f" LIMIT {'ALL' if limit is None else int(limit)} OFFSET {int(offset)}" if ranged else ""
+        with _duckdb(ref.location, read_only=ranged) as con:
+            relation = con.sql(f"SELECT * FROM {ref.quoted()}{window}")
             to_reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch  # duckdb 2 / 1
-            reader = to_reader(chunk_size)
-            for batch in reader:
+            for batch in to_reader(chunk_size):
                 yield batch.to_pandas()
     else:
+        window = " ORDER BY ctid LIMIT %s OFFSET %s" if ranged else ""
         with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_read") as cur:
             cur.itersize = chunk_size
-            cur.execute(f"SELECT * FROM {ref.quoted()}")
+            cur.execute(f"SELECT * FROM {ref.quoted()}{window}", (limit, offset) if ranged else None)
             while rows := cur.fetchmany(chunk_size):
                 names = [d.name for d in cur.description]
                 yield _fix_decimals(pd.DataFrame.from_records(rows, columns=names))
@@ -233,40 +234,19 @@ def _rechunk(frames: Iterator[pd.DataFrame], chunk_size: int) -> Iterator[pd.Dat
         yield pd.concat(buffer, ignore_index=True) if len(buffer) > 1 else buffer[0].reset_index(drop=True)
 
 
-def _iter_range(ref: TableRef, chunk_size: int, offset: int, limit: int | None) -> Iterator[pd.DataFrame]:
+def _parquet_range(path: str, offset: int, limit: int | None) -> Iterator[pd.DataFrame]:
+    """Rows [offset, offset + limit) of a Parquet file, reading only the overlapping row groups."""
+    pf = pq.ParquetFile(path)
     stop = None if limit is None else offset + limit
-    if ref.kind == "parquet":
-        pf = pq.ParquetFile(ref.location)
-
-        def pieces() -> Iterator[pd.DataFrame]:
-            start = 0
-            for g in range(pf.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                lo, hi = max(offset - start, 0), n if stop is None else min(stop - start, n)
-                if lo < hi:
-                    yield pf.read_row_group(g).slice(lo, hi - lo).to_pandas()
-                start += n
-                if stop is not None and start >= stop:
-                    return
-
-        yield from _rechunk(pieces(), chunk_size)
-    elif ref.kind == "csv":
-        reader = pd.read_csv(
-            ref.location, skiprows=range(1, offset + 1), nrows=limit, chunksize=chunk_size, low_memory=False
-        )
-        yield from reader
-    elif ref.kind == "duckdb":
-        with _duckdb(ref.location, read_only=True) as con:
-            sql = f"SELECT * FROM {ref.quoted()} LIMIT {int(limit) if limit is not None else 'ALL'} OFFSET {int(offset)}"
-            for batch in con.sql(sql).to_arrow_reader(chunk_size):
-                yield batch.to_pandas()
-    else:
-        with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_range") as cur:
-            cur.execute(f"SELECT * FROM {ref.quoted()} ORDER BY ctid LIMIT %s OFFSET %s", (limit, offset))
-            while rows := cur.fetchmany(chunk_size):
-                yield _fix_decimals(
-                    pd.DataFrame.from_records(rows, columns=[d.name for d in cur.description])
-                )
+    start = 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        lo, hi = max(offset - start, 0), n if stop is None else min(stop - start, n)
+        if lo < hi:
+            yield pf.read_row_group(g).slice(lo, hi - lo).to_pandas()
+        start += n
+        if stop is not None and start >= stop:
+            return
 
 
 def count_rows(ref: TableRef) -> int:
@@ -283,10 +263,14 @@ def count_rows(ref: TableRef) -> int:
         return int(con.execute(f"SELECT count(*) FROM {ref.quoted()}").fetchone()[0])
 
 
-def _iter_csv(path: str, chunk_size: int) -> Iterator[pd.DataFrame]:
+def _iter_csv(
+    path: str, chunk_size: int, offset: int = 0, limit: int | None = None
+) -> Iterator[pd.DataFrame]:
     # pandas infers one dtype per column over the whole file, which keeps chunks consistent
     try:
-        yield from pd.read_csv(path, chunksize=chunk_size, low_memory=False)
+        yield from pd.read_csv(
+            path, skiprows=range(1, offset + 1), nrows=limit, chunksize=chunk_size, low_memory=False
+        )
     except pd.errors.EmptyDataError as exc:
         raise SourceError(f"file {path} is empty (no header, no rows)") from exc
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
