@@ -31,6 +31,11 @@ HISTORY_TAG = "vaeflow.champion_history"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
+def _hide_credentials(url: str) -> str:
+    """A server URL with any user:password@ or token@ part replaced by ***@."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, with the address, when an MLflow tracking server does not answer (instead of
     MLflow's minutes of silent HTTP retries)."""
@@ -39,7 +44,7 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
     import urllib.error
     import urllib.request
 
-    shown = re.sub(r"//[^@/]*@", "//***@", uri)
+    shown = _hide_credentials(uri)
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
             if resp.status != 200:
@@ -150,7 +155,7 @@ def promotion_lock(settings: Settings, name: str) -> Iterator[None]:
         log.warning(
             "no promotion lock for tracking server %s: set promotion.lock_url to its PostgreSQL "
             "store, or run one retrain at a time",
-            re.sub(r"//[^@/]*@", "//***@", url),
+            _hide_credentials(url),
         )
         yield
         return

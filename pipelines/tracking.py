@@ -7,7 +7,6 @@ import hashlib
 import importlib.metadata as md
 import json
 import logging
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -28,17 +27,17 @@ from pipelines.ingest import Snapshot
 from pipelines.registry import check_reachable
 from pipelines.scoring import DEFAULT_PARAMS, score_frame
 from pipelines.validation import ValidationReport
+from pipelines.warehouse import redact_url
 from vae_models.bundle import ModelBundle, save_bundle
 
 log = logging.getLogger(__name__)
 CODE_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-_SECRET = re.compile(r"://([^:/@]+):[^@]*@")
 
 
 def redact(value: Any) -> Any:
     """Hide passwords in database URLs before anything reaches MLflow or a log."""
-    return _SECRET.sub(r"://\1:***@", value) if isinstance(value, str) else value
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

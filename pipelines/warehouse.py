@@ -52,7 +52,7 @@ class TableRef:
     def __str__(self) -> str:
         if self.is_file:
             return self.location
-        return f"{_redact(self.location)}#{'.'.join(self.table)}"
+        return f"{redact_url(self.location)}#{'.'.join(self.table)}"
 
     def quoted(self) -> str:
         return ".".join(f'"{p}"' for p in self.table)
@@ -65,7 +65,8 @@ class TableRef:
         return TableRef(self.kind, self.location, parts)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced by *** (for messages, logs and MLflow)."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
@@ -102,7 +103,9 @@ def parse_ref(text: str, warehouse_url: str) -> TableRef:
         return TableRef("duckdb", url.removeprefix("duckdb:///"), parts)
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         return TableRef("postgres", url.replace("postgresql+psycopg://", "postgresql://"), parts)
-    raise SourceError(f"unsupported warehouse URL {_redact(url)!r}: use duckdb:///FILE or postgresql://...")
+    raise SourceError(
+        f"unsupported warehouse URL {redact_url(url)!r}: use duckdb:///FILE or postgresql://..."
+    )
 
 
 # ---------------------------------------------------------------- connections
@@ -132,7 +135,7 @@ def _postgres(url: str):
     try:
         con = psycopg.connect(url, connect_timeout=10, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot connect to PostgreSQL at {_redact(url)}: {exc}".strip()) from exc
+        raise SourceError(f"cannot connect to PostgreSQL at {redact_url(url)}: {exc}".strip()) from exc
     try:
         yield con
     finally:
