@@ -142,7 +142,7 @@ def _pip_requirements() -> list[str]:
 def model_signature(bundle: ModelBundle, example: pd.DataFrame) -> ModelSignature:
     """Inputs: the key and the modelled columns, typed loosely (integer columns may hold nulls,
     which pandas stores as floats); outputs: the anomaly job's columns; params: job, k, seed, rows."""
-    names = ([bundle.schema.key] if bundle.schema.key else []) + bundle.schema.names
+    names = bundle.schema.input_columns
     inferred = infer_signature(example[names], score_frame(bundle, example, "anomaly"), params=DEFAULT_PARAMS)
     inputs = Schema([ColSpec(AnyType(), name) for name in names])
     return ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
@@ -216,8 +216,7 @@ def train_and_register(
             mlflow.log_artifact(str(path), artifact_path="plots")
         training.write_dvc_outputs(metrics, reports_dir)
         bundle_path = save_bundle(bundle, settings.path(settings.train.model_dir) / model_name)
-        inputs = ([bundle.schema.key] if bundle.schema.key else []) + bundle.schema.names
-        example = eval_df.head(5).reset_index(drop=True)[inputs]
+        example = eval_df.head(5).reset_index(drop=True)[schema.input_columns]
         signature = model_signature(bundle, example)
         info = mlflow.pyfunc.log_model(
             name="model",

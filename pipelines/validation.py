@@ -120,9 +120,7 @@ def build_suite(reference: pd.DataFrame, schema: TableSchema, settings: Settings
     cfg = settings.validation
     E = gx.expectations
     suite = gx.ExpectationSuite(name=name, meta={"generated_by": "vaeflow validate --rebuild"})
-    columns = [schema.key] if schema.key else []
-    columns += schema.names
-    suite.add_expectation(E.ExpectTableColumnsToMatchSet(column_set=columns, exact_match=False))
+    suite.add_expectation(E.ExpectTableColumnsToMatchSet(column_set=schema.input_columns, exact_match=False))
     suite.add_expectation(E.ExpectTableRowCountToBeBetween(min_value=1))
     for spec in schema.columns:
         s = reference[spec.name]

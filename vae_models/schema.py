@@ -117,6 +117,11 @@ class TableSchema:
         """Modelled columns in the model's cell order: numerics, then categoricals."""
         return [c.name for c in self.numeric] + [c.name for c in self.categorical]
 
+    @property
+    def input_columns(self) -> list[str]:
+        """The key (if any), then the modelled columns: what a scoring input carries."""
+        return ([self.key] if self.key else []) + self.names
+
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "ignored": self.ignored, "columns": [asdict(c) for c in self.columns]}
 
