@@ -84,10 +84,8 @@ def rescorer(settings: Settings, snapshot_path: str, name: str):
         bundle = _load_bundle(settings, f"models:/{name}/{version}")
         try:
             return training.evaluate(bundle, eval_df, val_df, settings).metrics[metric]
-        except (
-            DataError,
-            SchemaError,
-        ) as exc:  # the old model cannot read today's table: it cannot stay champion
+        except (DataError, SchemaError) as exc:
+            # the old model cannot read today's table: it cannot stay champion
             log.warning("v%s cannot score the evaluation snapshot: %s", version, exc)
             return float("inf")
 
@@ -277,15 +275,13 @@ def drift_task(settings: Settings, source: str) -> dict:
     name = settings.mlflow.model_name
     resolved = registry.resolve(client, f"models:/{name}@{registry.CHAMPION}")
     bundle = _load_bundle(settings, resolved.uri)
-    snapshot_name = client.get_run(resolved.run_id).data.tags.get(
-        "vaeflow.snapshot", parse_ref(source, settings.warehouse_url).name
-    )
+    ref = parse_ref(source, settings.warehouse_url)
+    snapshot_name = client.get_run(resolved.run_id).data.tags.get("vaeflow.snapshot", ref.name)
     snap = ingest.Snapshot(settings.path(settings.snapshot.dir) / snapshot_name)
     cfg = settings.monitor
     reference = snap.read("train")
     if len(reference) > cfg.sample_rows:
         reference = reference.sample(cfg.sample_rows, random_state=0).reset_index(drop=True)
-    ref = parse_ref(source, settings.warehouse_url)
     current = drift.reservoir_sample(iter_frames(ref, settings.score.chunk_size), cfg.sample_rows)
     if current.empty:
         raise DataError(f"{ref} has no rows; nothing to compare with the training reference")

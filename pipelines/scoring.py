@@ -251,24 +251,23 @@ def run_job(
         rows = write_table(
             dst, _progress(_samples(bundle, settings, tags), job, cfg.sample_rows, cfg.progress_bar)
         )
-    elif run_partitions is None:
-        total = count_rows(src) if src.kind != "csv" else None
-        if total == 0:
-            raise DataError(f"{src} has no rows to score")
-        chunks = _scored(bundle, job, prefetch(iter_frames(src, cfg.chunk_size)), settings, tags)
-        rows = write_table(dst, _progress(chunks, job, total, cfg.progress_bar))
-        if rows == 0:
-            raise DataError(f"{src} has no rows to score")
     else:
-        total = count_rows(src)
+        # a CSV is counted only when it must be cut into partitions (counting is a full pass)
+        total = count_rows(src) if run_partitions is not None or src.kind != "csv" else None
         if total == 0:
             raise DataError(f"{src} has no rows to score")
-        scratch_root = settings.path(cfg.dask.scratch_dir)
-        scratch_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{job}-", dir=scratch_root) as scratch:
-            parts = plan_partitions(total, settings, Path(scratch))
-            run_partitions(parts, tags)
-            rows = write_table(dst, _progress(_read_parts(parts), job, total, cfg.progress_bar))
+        if run_partitions is None:
+            chunks = _scored(bundle, job, prefetch(iter_frames(src, cfg.chunk_size)), settings, tags)
+            rows = write_table(dst, _progress(chunks, job, total, cfg.progress_bar))
+            if rows == 0:
+                raise DataError(f"{src} has no rows to score")
+        else:
+            scratch_root = settings.path(cfg.dask.scratch_dir)
+            scratch_root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f"{job}-", dir=scratch_root) as scratch:
+                parts = plan_partitions(total, settings, Path(scratch))
+                run_partitions(parts, tags)
+                rows = write_table(dst, _progress(_read_parts(parts), job, total, cfg.progress_bar))
     seconds = time.perf_counter() - start
     result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
     log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)

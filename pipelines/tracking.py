@@ -99,18 +99,14 @@ def lineage_tags(snapshot: Snapshot, settings: Settings) -> dict[str, str]:
     commit = git_commit(CODE_ROOT) or git_commit(settings.root)  # the code that ran, else the project
     if commit:
         tags["vaeflow.git_commit"] = commit
-    lock = settings.root / "dvc.lock"
-    if lock.exists():
+    lock, snap = settings.root / "dvc.lock", snapshot.path.resolve()
+    if lock.exists() and snap.is_relative_to(settings.root):
         import yaml
 
-        rel = (
-            snapshot.path.resolve().relative_to(settings.root)
-            if snapshot.path.resolve().is_relative_to(settings.root)
-            else None
-        )
+        rel = snap.relative_to(settings.root).as_posix()
         for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
             for out in stage.get("outs", []):
-                if rel is not None and out.get("path") == rel.as_posix():
+                if out.get("path") == rel:
                     tags["vaeflow.dvc_md5"] = str(out.get("md5"))
     return tags
 
