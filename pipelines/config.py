@@ -129,6 +129,9 @@ class ScoreConfig(_Section):
     seed: int = 0
     dest_template: str = Field("{source}_{job}", description="output table per job")
     progress_bar: bool = True
+    concurrent_chunks: int = Field(
+        2, ge=1, description="chunks scored at once, in threads; on CPU they share the torch threads"
+    )
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
 

@@ -111,22 +111,22 @@ def promote_task(
 
 @task(name="score-partition", cache_policy=NO_CACHE, **NETWORK_RETRIES)
 def score_partition_task(
-    settings: Settings, job: str, model_uri: str, source: str, part: scoring.Partition, tags: dict
+    settings: Settings, job: str, model_uri: str, source: str, part: scoring.Partition
 ) -> int:
     """One partition on one Dask worker: load the model from the registry, score, write Parquet."""
     import torch
 
     torch.set_num_threads(1)  # one thread per worker process: workers, not threads, scale out
     bundle = _load_bundle(settings, model_uri)
-    return scoring.score_partition(bundle, job, source, part, settings, tags)
+    return scoring.score_partition(bundle, job, source, part, settings)
 
 
 @flow(name="score-partitions")
 def score_partitions(
-    settings: Settings, job: str, model_uri: str, source: str, parts: list[scoring.Partition], tags: dict
+    settings: Settings, job: str, model_uri: str, source: str, parts: list[scoring.Partition]
 ) -> list[int]:
     """Score every partition in parallel on the flow's task runner (a Dask cluster)."""
-    futures = [score_partition_task.submit(settings, job, model_uri, source, p, tags) for p in parts]
+    futures = [score_partition_task.submit(settings, job, model_uri, source, p) for p in parts]
     return [f.result() for f in futures]
 
 
@@ -160,9 +160,9 @@ def _score(settings: Settings, job: str, model_uri: str, source: str | None, des
     run_partitions = None
     if settings.score.dask.enabled and job != "sample":
 
-        def run_partitions(parts: list[scoring.Partition], tags: dict) -> None:
+        def run_partitions(parts: list[scoring.Partition]) -> None:
             flow_ = score_partitions.with_options(task_runner=dask_runner(settings))
-            flow_(settings, job, resolved.uri, source, parts, tags)
+            flow_(settings, job, resolved.uri, source, parts)
 
     result = scoring.run_job(
         bundle,

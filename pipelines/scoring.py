@@ -7,12 +7,15 @@ row tagged with the model version and run id.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +59,8 @@ def score_frame(
     if job not in JOBS:
         raise VaeflowError(f"unknown job {job!r}: use one of {', '.join(JOBS)}")
     schema, vae = bundle.schema, bundle.vae
-    torch.manual_seed(seed)
+    # a generator of its own per call: chunks scored in parallel threads stay reproducible
+    gen = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)
     if job == "sample":
         num, cat = inference.sample(vae, rows, seed=seed)
         return schema.decode(num, cat)
@@ -65,19 +69,17 @@ def score_frame(
     except SchemaError as exc:
         raise DataError(str(exc)) from exc
     if job == "anomaly":
-        scores = inference.anomaly_scores(vae, table, k=k).score
+        scores = inference.anomaly_scores(vae, table, k=k, generator=gen).score
         out = _keyed(bundle, df)
         out["anomaly_score"] = scores.astype("float64")
         threshold = bundle.extra.get("anomaly_threshold")
         out["is_anomaly"] = scores > threshold if threshold is not None else False
         return out
     if job == "embed":
-        mu, _ = inference.embed(vae, table)
-        out = _keyed(bundle, df)
-        for j in range(mu.shape[1]):
-            out[f"z_{j}"] = mu[:, j].astype("float64")
-        return out
-    imp = inference.impute(vae, table, k=k)
+        mu, _ = inference.embed(vae, table)  # float32, the network's own precision
+        codes = pd.DataFrame(mu, columns=[f"z_{j}" for j in range(mu.shape[1])])
+        return pd.concat([_keyed(bundle, df), codes], axis=1)
+    imp = inference.impute(vae, table, k=k, generator=gen)
     decoded = schema.decode(imp.x_num, imp.x_cat)
     out = df.reset_index(drop=True).copy()
     for name in schema.names:
@@ -104,23 +106,62 @@ def _scored(
     job: str,
     frames: Iterable[pd.DataFrame],
     settings: Settings,
-    tags: dict,
     first_chunk: int = 0,
+    workers: int | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """Score a stream of chunks; chunk i of the table is seeded with `score.seed + i`, so a
-    partition starting at chunk `first_chunk` reproduces the single-process result exactly."""
+    """Score a stream of chunks, `workers` (default `score.concurrent_chunks`) at a time, in
+    order; chunk i of the table is seeded with `score.seed + i`, so a partition starting at chunk
+    `first_chunk` (and any number of concurrent chunks) reproduces the single-process result."""
     cfg = settings.score
-    for i, frame in enumerate(frames):
-        out = score_frame(bundle, frame, job, k=cfg.importance_samples, seed=cfg.seed + first_chunk + i)
-        yield out.assign(**tags)
+
+    def score(item: tuple[int, pd.DataFrame]) -> pd.DataFrame:
+        i, frame = item
+        return score_frame(bundle, frame, job, k=cfg.importance_samples, seed=cfg.seed + first_chunk + i)
+
+    workers = workers or cfg.concurrent_chunks
+    if workers == 1:
+        yield from map(score, enumerate(frames))
+        return
+    on_cpu = next(bundle.vae.parameters()).device.type == "cpu"
+    with _torch_threads(max(1, torch.get_num_threads() // workers) if on_cpu else None):
+        yield from ordered_map(score, enumerate(frames), workers)
 
 
-def _samples(bundle: ModelBundle, settings: Settings, tags: dict) -> Iterator[pd.DataFrame]:
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run with `n` torch intra-op threads (None: unchanged), restoring the setting after."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """`fn` over `items` on `workers` threads, yielding results in input order with at most
+    `workers + 1` items in flight (torch, DuckDB and Arrow release the GIL while they work)."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="vaeflow-score") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _samples(bundle: ModelBundle, settings: Settings) -> Iterator[pd.DataFrame]:
     cfg = settings.score
     left, i = cfg.sample_rows, 0
     while left > 0:
         n = min(left, cfg.chunk_size)
-        yield score_frame(bundle, pd.DataFrame(), "sample", rows=n, seed=cfg.seed + i).assign(**tags)
+        yield score_frame(bundle, pd.DataFrame(), "sample", rows=n, seed=cfg.seed + i)
         left, i = left - n, i + 1
 
 
@@ -201,15 +242,13 @@ def plan_partitions(n_rows: int, settings: Settings, scratch: Path) -> list[Part
     ]
 
 
-def score_partition(
-    bundle: ModelBundle, job: str, source: str, part: Partition, settings: Settings, tags: dict
-) -> int:
+def score_partition(bundle: ModelBundle, job: str, source: str, part: Partition, settings: Settings) -> int:
     """Score one partition of `source` into its own Parquet file (atomically); returns rows."""
     src = parse_ref(source, settings.warehouse_url)
     frames = prefetch(iter_frames(src, settings.score.chunk_size, offset=part.offset, limit=part.limit))
     return write_table(
         parse_ref(part.path, settings.warehouse_url),
-        _scored(bundle, job, frames, settings, tags, part.first_chunk),
+        _scored(bundle, job, frames, settings, part.first_chunk, workers=1),  # a worker per core
     )
 
 
@@ -219,7 +258,7 @@ def _read_parts(parts: list[Partition]) -> Iterator[pd.DataFrame]:
             yield batch.to_pandas()
 
 
-PartitionRunner = Callable[[list[Partition], dict], None]
+PartitionRunner = Callable[[list[Partition]], None]
 
 
 def run_job(
@@ -249,7 +288,7 @@ def run_job(
     start = time.perf_counter()
     if job == "sample":
         rows = write_table(
-            dst, _progress(_samples(bundle, settings, tags), job, cfg.sample_rows, cfg.progress_bar)
+            dst, _progress(_samples(bundle, settings), job, cfg.sample_rows, cfg.progress_bar), tags
         )
     else:
         # a CSV is counted only when it must be cut into partitions (counting is a full pass)
@@ -257,8 +296,9 @@ def run_job(
         if total == 0:
             raise DataError(f"{src} has no rows to score")
         if run_partitions is None:
-            chunks = _scored(bundle, job, prefetch(iter_frames(src, cfg.chunk_size)), settings, tags)
-            rows = write_table(dst, _progress(chunks, job, total, cfg.progress_bar))
+            # read ahead in one thread, score in `concurrent_chunks` threads, write in this one
+            chunks = _scored(bundle, job, prefetch(iter_frames(src, cfg.chunk_size)), settings)
+            rows = write_table(dst, _progress(chunks, job, total, cfg.progress_bar), tags)
             if rows == 0:
                 raise DataError(f"{src} has no rows to score")
         else:
@@ -266,8 +306,8 @@ def run_job(
             scratch_root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=f"{job}-", dir=scratch_root) as scratch:
                 parts = plan_partitions(total, settings, Path(scratch))
-                run_partitions(parts, tags)
-                rows = write_table(dst, _progress(_read_parts(parts), job, total, cfg.progress_bar))
+                run_partitions(parts)
+                rows = write_table(dst, _progress(_read_parts(parts), job, total, cfg.progress_bar), tags)
     seconds = time.perf_counter() - start
     result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
     log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)

@@ -199,7 +199,7 @@ def iter_frames(
             yield from _rechunk(_parquet_range(ref.location, offset, limit), chunk_size)
         else:
             for batch in pq.ParquetFile(ref.location).iter_batches(batch_size=chunk_size):
-                yield batch.to_pandas()
+                yield batch.to_pandas(split_blocks=True)
     elif ref.kind == "csv":
         yield from _iter_csv(ref.location, chunk_size, offset, limit)
     elif ref.kind == "duckdb":
@@ -208,7 +208,7 @@ def iter_frames(
             relation = con.sql(f"SELECT * FROM {ref.quoted()}{window}")
             to_reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch  # duckdb 2 / 1
             for batch in to_reader(chunk_size):
-                yield batch.to_pandas()
+                yield batch.to_pandas(split_blocks=True)
     else:
         window = " ORDER BY ctid LIMIT %s OFFSET %s" if ranged else ""
         with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_read") as cur:
@@ -328,16 +328,23 @@ def _pg_type(dtype) -> str:
     return _PG_TYPES.get(kind, "text")
 
 
-def write_table(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
-    """Write all frames to `ref` atomically, replacing what was there; returns the row count."""
+def write_table(
+    ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str] | None = None
+) -> int:
+    """Write all frames to `ref` atomically, replacing what was there; returns the row count.
+
+    `constants` are text columns with one value for every row (e.g. the model version), added
+    by the writer rather than carried through each chunk.
+    """
+    constants = constants or {}
     if ref.kind in ("parquet", "csv"):
-        return _write_file(ref, frames)
+        return _write_file(ref, frames, constants)
     if ref.kind == "duckdb":
-        return _write_duckdb(ref, frames)
-    return _write_postgres(ref, frames)
+        return _write_duckdb(ref, frames, constants)
+    return _write_postgres(ref, (frame.assign(**constants) for frame in frames))
 
 
-def _write_file(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+def _write_file(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str]) -> int:
     target = Path(ref.location)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -346,6 +353,8 @@ def _write_file(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
     try:
         for frame in frames:
             table = pa.Table.from_pandas(frame, preserve_index=False)
+            for name, value in constants.items():
+                table = table.append_column(name, pa.repeat(pa.scalar(value, pa.string()), len(table)))
             if writer is None:
                 schema = table.schema
                 opener = pq.ParquetWriter if ref.kind == "parquet" else pacsv.CSVWriter
@@ -369,30 +378,47 @@ def _staging(ref: TableRef) -> TableRef:
     return TableRef(ref.kind, ref.location, (*ref.table[:-1], f"{ref.table[-1]}__vaeflow_staging"))
 
 
-def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+_DUCKDB_COMMIT_ROWS = 500_000  # rows per transaction while filling the staging table
+
+
+def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str]) -> int:
+    """Fill a staging table chunk by chunk, then swap it in for the target in one transaction.
+
+    The staging table is filled in transactions of ~500k rows: DuckDB writes a large
+    transaction's row groups straight to the file (no WAL copy), and memory stays bounded. A
+    killed job leaves at most a staging table, which the next run drops.
+    """
     staging = _staging(ref)
-    rows = 0
+    extra = "".join(f', ?::VARCHAR AS "{name}"' for name in constants)
+    values = list(constants.values())
+    rows = uncommitted = 0
     with _duckdb(ref.location) as con:
         if len(ref.table) == 2:
             con.execute(f'CREATE SCHEMA IF NOT EXISTS "{ref.table[0]}"')
         con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
-        for i, frame in enumerate(frames):
-            con.register("_vaeflow_chunk", frame)
-            if i == 0:
-                con.execute(f"CREATE TABLE {staging.quoted()} AS SELECT * FROM _vaeflow_chunk")
-            else:
-                con.execute(f"INSERT INTO {staging.quoted()} SELECT * FROM _vaeflow_chunk")
-            con.unregister("_vaeflow_chunk")
-            rows += len(frame)
-        if rows == 0 and not _exists_duck(con, staging):
-            raise SourceError(f"nothing to write to {ref}: the job produced no data")
         con.execute("BEGIN TRANSACTION")
         try:
+            for i, frame in enumerate(frames):
+                con.register("_vaeflow_chunk", frame)
+                if i == 0:
+                    sql = f"CREATE TABLE {staging.quoted()} AS SELECT *{extra} FROM _vaeflow_chunk"
+                else:
+                    sql = f"INSERT INTO {staging.quoted()} SELECT *{extra} FROM _vaeflow_chunk"
+                con.execute(sql, values)
+                con.unregister("_vaeflow_chunk")
+                rows, uncommitted = rows + len(frame), uncommitted + len(frame)
+                if uncommitted >= _DUCKDB_COMMIT_ROWS:
+                    con.execute("COMMIT")
+                    con.execute("BEGIN TRANSACTION")
+                    uncommitted = 0
+            if rows == 0 and not _exists_duck(con, staging):
+                raise SourceError(f"nothing to write to {ref}: the job produced no data")
             con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
             con.execute(f'ALTER TABLE {staging.quoted()} RENAME TO "{ref.table[-1]}"')
             con.execute("COMMIT")
-        except Exception:
+        except BaseException:
             con.execute("ROLLBACK")
+            con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")  # what earlier commits filled
             raise
     return rows
 

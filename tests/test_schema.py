@@ -87,3 +87,20 @@ def test_skewed_positive_column_gets_log_transform():
     enc = schema.encode(df)
     out = schema.decode(enc.x_num, enc.x_cat)
     np.testing.assert_allclose(out["amount"], df["amount"], rtol=1e-3)
+
+
+def test_arrow_and_object_text_columns_encode_alike(flights):
+    """Levels are looked up in Arrow for pandas' Arrow-backed strings, by a hash index otherwise."""
+    schema = infer_schema(flights, key="rownames")
+    new = flights.head(200).copy()
+    new.loc[3, "carrier"] = "ZZ"  # unseen level
+    new.loc[4, "carrier"] = None
+    arrow = new.astype({"carrier": pd.StringDtype("pyarrow"), "origin": pd.StringDtype("pyarrow")})
+    plain = new.astype({"carrier": object, "origin": object})
+    a, b = schema.encode(arrow), schema.encode(plain)
+    np.testing.assert_array_equal(a.x_cat, b.x_cat)
+    np.testing.assert_array_equal(a.m_cat, b.m_cat)
+    j = [c.name for c in schema.categorical].index("carrier")
+    spec = schema.categorical[j]
+    assert a.x_cat[3, j] == spec.n_classes - 1 and a.m_cat[4, j] == 0
+    assert a.x_cat[0, j] == spec.categories.index(new.loc[0, "carrier"])

@@ -119,3 +119,42 @@ def test_conv_architecture_rejects_a_table_of_the_wrong_shape():
         TabularVAE(10, [], VAEConfig(architecture="conv", image_shape=(8, 8)))
     with pytest.raises(ValueError, match="image_shape"):
         VAEConfig(architecture="conv")
+
+
+def test_train_loss_is_each_epochs_row_weighted_mean_and_callbacks_see_it():
+    """Logged once per epoch (not per step), yet equal to the mean of every row's step loss and
+    visible to callbacks' on_train_epoch_end (which the loss-curve history uses)."""
+    from vae_models.data import table_loader
+
+    class Record(L.Callback):
+        def __init__(self):
+            self.steps, self.epochs = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.append((trainer.current_epoch, float(outputs["loss"]), batch[0].shape[0]))
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.epochs.append(float(trainer.callback_metrics["train_loss"]))
+
+    df = linear_table(300)  # batches of 128, 128 and 44 rows
+    schema = infer_schema(df)
+    module = VAEModule(
+        len(schema.numeric), schema.cat_sizes, VAEConfig(latent_dim=2, hidden_dims=[8]).model_dump()
+    )
+    record = Record()
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[record],
+    )
+    trainer.fit(module, table_loader(schema.encode(df), 128, shuffle=True))
+    for epoch, logged in enumerate(record.epochs):
+        steps = [(loss, n) for e, loss, n in record.steps if e == epoch]
+        assert [n for _, n in steps] == [128, 128, 44]
+        expected = sum(loss * n for loss, n in steps) / 300
+        assert logged == pytest.approx(expected, rel=1e-6)
+    assert record.epochs[0] != record.epochs[1]

@@ -1,7 +1,8 @@
 """The math behind the batch jobs: impute, anomaly score, embed, sample.
 
 All functions take a trained `TabularVAE` and an `EncodedTable`, work in mini-batches under
-`torch.no_grad()` on the model's device and return numpy arrays in row order.
+`torch.no_grad()` on the model's device and return numpy arrays in row order. The sampling
+ones draw from `generator` when given (thread-safe, reproducible per call), else the global RNG.
 """
 
 from __future__ import annotations
@@ -38,11 +39,17 @@ def _run(
     return tuple(np.concatenate(cols, axis=0) for cols in zip(*parts, strict=True))
 
 
-def log_marginal(vae: TabularVAE, table: EncodedTable, k: int = 64, batch_size: int = 4096) -> np.ndarray:
+def log_marginal(
+    vae: TabularVAE,
+    table: EncodedTable,
+    k: int = 64,
+    batch_size: int = 4096,
+    generator: torch.Generator | None = None,
+) -> np.ndarray:
     """Importance-sampled estimate of log p(x_observed) per row (K samples)."""
 
     def fn(batch: TableBatch):
-        log_w, *_ = vae.log_weights(batch, k)
+        log_w, *_ = vae.log_weights(batch, k, generator)
         return (torch.logsumexp(log_w, 0) - math.log(k),)
 
     return _run(vae, table, batch_size, fn)[0]
@@ -55,12 +62,16 @@ class AnomalyScores:
 
 
 def anomaly_scores(
-    vae: TabularVAE, table: EncodedTable, k: int = 16, batch_size: int = 4096
+    vae: TabularVAE,
+    table: EncodedTable,
+    k: int = 16,
+    batch_size: int = 4096,
+    generator: torch.Generator | None = None,
 ) -> AnomalyScores:
     """-log p(x) by importance sampling, divided by the row's observed cells, plus per-column parts."""
 
     def fn(batch: TableBatch):
-        log_w, cell_ll, _, _ = vae.log_weights(batch, k)
+        log_w, cell_ll, _, _ = vae.log_weights(batch, k, generator)
         n_obs = batch.mask.sum(-1).clamp(min=1.0)
         score = -(torch.logsumexp(log_w, 0) - math.log(k)) / n_obs
         weights = torch.softmax(log_w, 0).unsqueeze(-1)
@@ -78,7 +89,13 @@ class Imputation:
     cat_confidence: np.ndarray  # (N, n_cat) probability of the chosen level; 1 if observed
 
 
-def impute(vae: TabularVAE, table: EncodedTable, k: int = 32, batch_size: int = 4096) -> Imputation:
+def impute(
+    vae: TabularVAE,
+    table: EncodedTable,
+    k: int = 32,
+    batch_size: int = 4096,
+    generator: torch.Generator | None = None,
+) -> Imputation:
     """Fill missing cells with the self-normalised importance-sampling estimate of E[x_miss | x_obs].
 
     Numerics get the weighted mean of the decoder means (and the mixture's std as spread);
@@ -86,7 +103,7 @@ def impute(vae: TabularVAE, table: EncodedTable, k: int = 32, batch_size: int = 
     """
 
     def fn(batch: TableBatch):
-        log_w, _, decoded, _ = vae.log_weights(batch, k)
+        log_w, _, decoded, _ = vae.log_weights(batch, k, generator)
         w = torch.softmax(log_w, 0)  # (k, B)
         wn = w.unsqueeze(-1)
         mean = (wn * decoded.num_mu).sum(0)

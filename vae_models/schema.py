@@ -69,7 +69,7 @@ def _py(value: Any) -> Any:
 def _numeric_values(series: pd.Series, column: str) -> np.ndarray:
     """Float values of a column that must be numeric; NaN for nulls; errors name the value."""
     if pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
-        values = series.astype("float64")
+        values = series
     else:
         values = pd.to_numeric(series, errors="coerce")
         bad = values.isna() & series.notna()
@@ -146,10 +146,24 @@ class TableSchema:
     def encode(self, df: pd.DataFrame) -> EncodedTable:
         """Standardise numerics and code categoricals; nulls become masked cells."""
         self.check_columns(df)
-        n = len(df)
-        num, cat = self.numeric, self.categorical
-        x_num = np.zeros((n, len(num)), dtype=np.float32)
-        m_num = np.zeros((n, len(num)), dtype=np.float32)
+        x_num, m_num = self._encode_numeric(df)
+        n, cat = len(df), self.categorical
+        x_cat = np.zeros((n, len(cat)), dtype=np.int64)
+        m_cat = np.zeros((n, len(cat)), dtype=np.float32)
+        for j, spec in enumerate(cat):
+            series = df[spec.name]
+            missing = series.isna().to_numpy()
+            codes = _level_codes(spec.categories, series)
+            codes = np.where(codes < 0, spec.n_classes - 1, codes)  # unseen level
+            x_cat[:, j] = np.where(missing, 0, codes)
+            m_cat[:, j] = ~missing
+        return EncodedTable(x_num, m_num, x_cat, m_cat)
+
+    def _encode_numeric(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(standardised values, observed mask), both float32 (N, n_num), 0 where missing."""
+        num = self.numeric
+        x_num = np.empty((len(df), len(num)), dtype=np.float32)
+        m_num = np.empty((len(df), len(num)), dtype=np.float32)
         for j, spec in enumerate(num):
             values = _numeric_values(df[spec.name], spec.name)
             observed = ~np.isnan(values)
@@ -157,16 +171,7 @@ class TableSchema:
                 values = np.sign(values) * np.log1p(np.abs(values))
             x_num[:, j] = np.where(observed, (values - spec.center) / spec.scale, 0.0)
             m_num[:, j] = observed
-        x_cat = np.zeros((n, len(cat)), dtype=np.int64)
-        m_cat = np.zeros((n, len(cat)), dtype=np.float32)
-        for j, spec in enumerate(cat):
-            series = df[spec.name]
-            missing = series.isna().to_numpy()
-            codes = _level_index(spec.categories).get_indexer(series)
-            codes = np.where(codes < 0, spec.n_classes - 1, codes)  # unseen level
-            x_cat[:, j] = np.where(missing, 0, codes).astype(np.int64)
-            m_cat[:, j] = ~missing
-        return EncodedTable(x_num, m_num, x_cat, m_cat)
+        return x_num, m_num
 
     def decode(self, num_values: np.ndarray, cat_codes: np.ndarray) -> pd.DataFrame:
         """Map standardised numerics and category codes back to the source columns and dtypes."""
@@ -182,11 +187,17 @@ class TableSchema:
         return pd.DataFrame(out)[[c.name for c in self.columns]]
 
 
-def _level_index(levels: list[Any]) -> pd.Index:
-    """A hash index of a column's levels (vectorised lookup; -1 for unseen levels)."""
-    if levels and all(isinstance(v, str) for v in levels):
-        return pd.Index(levels, dtype="str")
-    return pd.Index(levels, dtype=object)
+def _level_codes(levels: list[Any], series: pd.Series) -> np.ndarray:
+    """Each value's position among a column's levels; -1 for nulls and levels never seen."""
+    if levels and all(isinstance(v, str) for v in levels) and isinstance(series.dtype, pd.StringDtype):
+        if series.dtype.storage == "pyarrow":  # a hash lookup in Arrow, without Python strings
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            found = pc.index_in(pa.array(series), value_set=pa.array(levels, type=pa.string()))
+            return found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        return pd.Index(levels, dtype="str").get_indexer(series)
+    return pd.Index(levels, dtype=object).get_indexer(series)
 
 
 def _restore_numeric(values: np.ndarray, dtype: str) -> pd.Series:
