@@ -140,8 +140,9 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """`fn` over `items` on `workers` threads, yielding results in input order with at most
-    `workers + 1` items in flight (torch, DuckDB and Arrow release the GIL while they work)."""
+    """`fn` over `items` on `workers` threads, yielding results in input order. Up to
+    `2 * workers` items are submitted ahead, so the threads keep working while the consumer
+    (the writer) is busy; torch, DuckDB and Arrow release the GIL while they work."""
     with ThreadPoolExecutor(workers, thread_name_prefix="vaeflow-score") as pool:
         pending: deque = deque()
         try:
