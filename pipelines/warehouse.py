@@ -417,8 +417,9 @@ def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict
             con.execute(f'ALTER TABLE {staging.quoted()} RENAME TO "{ref.table[-1]}"')
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
-            con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")  # what earlier commits filled
+            with contextlib.suppress(Exception):  # best effort: the original error is what counts
+                con.execute("ROLLBACK")
+                con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")  # what earlier commits filled
             raise
     return rows
 
