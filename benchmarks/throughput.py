@@ -146,7 +146,7 @@ def bare_rows_per_s(bundle, df, job: str, k: int, concurrent: int = 1) -> float:
     the batch jobs score."""
     import torch
 
-    from pipelines.scoring import ordered_map
+    from pipelines.scoring import ordered_map, torch_threads
     from vae_models import inference
 
     table = bundle.schema.encode(df)
@@ -159,16 +159,12 @@ def bare_rows_per_s(bundle, df, job: str, k: int, concurrent: int = 1) -> float:
         type(table)(*(a[lo : lo + CHUNK] for a in (table.x_num, table.m_num, table.x_cat, table.m_cat)))
         for lo in range(0, len(df), CHUNK)
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // concurrent))
-    try:
+    with torch_threads(max(1, torch.get_num_threads() // concurrent)):
         run(chunks[0])  # warm-up of the same job
         start = time.perf_counter()
         for _ in ordered_map(run, chunks, concurrent) if concurrent > 1 else map(run, chunks):
             pass
         return len(df) / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def training_epochs(df, schema, rounds: int = 5) -> dict:

@@ -123,12 +123,12 @@ def _scored(
         yield from map(score, enumerate(frames))
         return
     on_cpu = next(bundle.vae.parameters()).device.type == "cpu"
-    with _torch_threads(max(1, torch.get_num_threads() // workers) if on_cpu else None):
+    with torch_threads(max(1, torch.get_num_threads() // workers) if on_cpu else None):
         yield from ordered_map(score, enumerate(frames), workers)
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     """Run with `n` torch intra-op threads (None: unchanged), restoring the setting after."""
     before = torch.get_num_threads()
     if n is not None:
