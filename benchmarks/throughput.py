@@ -112,28 +112,33 @@ def score_main(args: list[str]) -> None:
 
 
 def run_child(workdir: Path, warehouse: Path, job: str, k: int, source: str) -> dict:
-    """Run a job in its own process; returns rows/s and the process's peak RSS (wait4)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.throughput",
-            "--child",
-            str(workdir),
-            str(warehouse),
-            job,
-            str(k),
-            source,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{job} on {source} failed:\n{err[-3000:]}")
+    """Run a job in its own process; returns rows/s and the process's peak RSS (wait4).
+
+    The child's stderr (logs, warnings) goes to a file: reading two pipes one after the other
+    would hang once the unread one filled up."""
+    with tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.throughput",
+                "--child",
+                str(workdir),
+                str(warehouse),
+                job,
+                str(k),
+                source,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            text=True,
+        )
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err_file.seek(0)
+            raise RuntimeError(f"{job} on {source} failed:\n{err_file.read()[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result["rows_per_s"] = result["rows"] / result["seconds"]
     result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
