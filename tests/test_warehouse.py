@@ -54,6 +54,26 @@ def test_round_trip_streams_in_chunks(tmp_path, dest):
     assert back["id"].tolist() == list(range(26))
 
 
+@pytest.mark.parametrize("dest", ["out.parquet", "out.csv", "scored"])
+def test_constant_columns_are_added_to_every_row(tmp_path, dest):
+    wh = f"duckdb:///{tmp_path}/w.duckdb"
+    ref = parse_ref(str(tmp_path / dest) if "." in dest else dest, wh)
+    tags = {"model_version": "3", "run_id": "it's-a-run"}  # a quote must survive as data
+    assert write_table(ref, [_frame(5), _frame(4, 5)], tags) == 9
+    back = read_frame(ref)
+    assert list(back.columns) == ["id", "x", "c", "model_version", "run_id"]
+    assert (back["model_version"].astype(str) == "3").all() and (back["run_id"] == "it's-a-run").all()
+    if ref.kind == "duckdb":  # plain text columns, without the default used to fill them
+        import duckdb
+
+        with duckdb.connect(ref.location) as con:
+            described = con.execute("DESCRIBE scored").fetchall()
+        assert {row[0]: (row[1], row[4]) for row in described}["run_id"] == ("VARCHAR", None)
+    with pytest.raises(SourceError, match="model_version twice"):
+        write_table(ref, [_frame(3).assign(model_version="x")], tags)
+    assert len(read_frame(ref)) == 9  # the failed write left the output as it was
+
+
 @pytest.mark.parametrize("dest", ["out.parquet", "scored"])
 def test_failed_write_leaves_previous_output_intact(tmp_path, dest):
     wh = f"duckdb:///{tmp_path}/w.duckdb"
