@@ -54,12 +54,13 @@ def make_table(path: Path, rows: int, table: str = "bench") -> None:
     con.close()
 
 
-def settings_for(workdir: Path, warehouse: Path, k: int):
+def settings_for(workdir: Path, warehouse: Path, k: int, *extra: str):
     from pipelines.config import load_settings
 
     return load_settings(
         None,
         [
+            *extra,
             f"warehouse.url=duckdb:///{warehouse}",
             f"score.chunk_size={CHUNK}",
             f"score.importance_samples={k}",
@@ -100,7 +101,10 @@ def score_main(args: list[str]) -> None:
     settings = settings_for(workdir, warehouse, k)
     bundle = load_bundle(workdir / "model")
     if source == "bare":
+        from pipelines.scoring import scoring_device
         from pipelines.warehouse import parse_ref, read_frame
+
+        bundle.vae.to(scoring_device(settings.score.device))  # where the job scores
 
         df = read_frame(parse_ref("bench", settings.warehouse_url), max_rows=BARE_ROWS)
         rate = bare_rows_per_s(bundle, df, job, k)
@@ -155,10 +159,11 @@ def bare_rows_per_s(bundle, df, job: str, k: int, concurrent: int = 1) -> float:
     from vae_models import inference
 
     table = bundle.schema.encode(df)
+    device = next(bundle.vae.parameters()).device
     run = {
         "embed": lambda t: inference.embed(bundle.vae, t),
-        "anomaly": lambda t: inference.anomaly_scores(bundle.vae, t, k=k, generator=torch.Generator()),
-        "impute": lambda t: inference.impute(bundle.vae, t, k=k, generator=torch.Generator()),
+        "anomaly": lambda t: inference.anomaly_scores(bundle.vae, t, k=k, generator=torch.Generator(device)),
+        "impute": lambda t: inference.impute(bundle.vae, t, k=k, generator=torch.Generator(device)),
     }[job]
     chunks = [  # the chunks the batch job scores, already encoded in memory
         type(table)(*(a[lo : lo + CHUNK] for a in (table.x_num, table.m_num, table.x_cat, table.m_cat)))

@@ -132,6 +132,11 @@ class ScoreConfig(_Section):
     concurrent_chunks: int = Field(
         2, ge=1, description="chunks scored at once, in threads; on CPU they share the torch threads"
     )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="torch device the batch jobs score on: auto (a CUDA GPU when there is one), cpu, cuda, cuda:N",
+    )
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
 

@@ -87,6 +87,21 @@ def score_frame(
     return out
 
 
+def scoring_device(setting: str) -> torch.device:
+    """`score.device` as a torch device: `auto` is the first CUDA GPU when torch sees one."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not (
+        torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    ):
+        raise VaeflowError(
+            f"score.device is {setting!r} but torch sees {torch.cuda.device_count()} CUDA device(s) "
+            f"(torch {torch.__version__}); set score.device to auto or cpu, or install a CUDA build of torch"
+        )
+    return device
+
+
 @dataclass
 class JobResult:
     job: str
@@ -245,6 +260,7 @@ def plan_partitions(n_rows: int, settings: Settings, scratch: Path) -> list[Part
 
 def score_partition(bundle: ModelBundle, job: str, source: str, part: Partition, settings: Settings) -> int:
     """Score one partition of `source` into its own Parquet file (atomically); returns rows."""
+    bundle.vae.to(scoring_device(settings.score.device))  # each worker picks its own device
     src = parse_ref(source, settings.warehouse_url)
     frames = prefetch(iter_frames(src, settings.score.chunk_size, offset=part.offset, limit=part.limit))
     return write_table(
@@ -286,6 +302,7 @@ def run_job(
         raise VaeflowError(f"destination {dst} is the source table; choose another --dest")
     tags = {"model_version": str(model_version), "run_id": run_id}
     cfg = settings.score
+    bundle.vae.to(scoring_device(cfg.device))
     start = time.perf_counter()
     if job == "sample":
         rows = write_table(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipelines.config import load_settings
-from pipelines.scoring import ordered_map, run_job
+from pipelines.errors import ConfigError, VaeflowError
+from pipelines.scoring import ordered_map, run_job, scoring_device
 from pipelines.warehouse import parse_ref, read_frame, write_table
 from tests.conftest import small_params
 from tests.helpers import linear_table, train_small
@@ -69,3 +71,20 @@ def test_ordered_map_keeps_order_and_reraises():
 
     with pytest.raises(ValueError, match="chunk 5"):
         list(ordered_map(boom, range(20), 2))
+
+
+def test_score_device_auto_picks_cuda_only_when_there_is_one(tmp_path):
+    assert scoring_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert scoring_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="score.device"):
+        load_settings(small_params(tmp_path), ["score.device=gpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(bundle, warehouse):
+    with pytest.raises(VaeflowError, match="score.device is 'cuda:0' but torch sees 0 CUDA device"):
+        scoring_device("cuda:0")
+    warehouse.score.device = "cuda"
+    with pytest.raises(VaeflowError, match="set score.device to auto or cpu"):
+        run_job(bundle, "embed", "t", "never_written", warehouse, model_version="7", run_id="abc")
+    assert next(bundle.vae.parameters()).device.type == "cpu"
