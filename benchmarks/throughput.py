@@ -105,7 +105,6 @@ def score_main(args: list[str]) -> None:
         from pipelines.warehouse import parse_ref, read_frame
 
         bundle.vae.to(scoring_device(settings.score.device))  # where the job scores
-
         df = read_frame(parse_ref("bench", settings.warehouse_url), max_rows=BARE_ROWS)
         rate = bare_rows_per_s(bundle, df, job, k)
         concurrent = bare_rows_per_s(bundle, df, job, k, settings.score.concurrent_chunks)
