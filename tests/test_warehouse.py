@@ -63,7 +63,7 @@ def test_constant_columns_are_added_to_every_row(tmp_path, dest):
     back = read_frame(ref)
     assert list(back.columns) == ["id", "x", "c", "model_version", "run_id"]
     assert (back["model_version"].astype(str) == "3").all() and (back["run_id"] == "it's-a-run").all()
-    if ref.kind == "duckdb":  # plain text columns, without the default used to fill them
+    if ref.kind == "duckdb":  # plain text columns, with no default
         import duckdb
 
         with duckdb.connect(ref.location) as con:
@@ -117,9 +117,11 @@ def test_postgres_round_trip_and_atomic_replace():
     table = f"vaeflow_test_{uuid.uuid4().hex[:8]}"
     ref = parse_ref(f"{PG_URL}#public.{table}", "duckdb:///unused.duckdb")
     try:
-        assert write_table(ref, [_frame(10), _frame(10, 10)]) == 20
+        odd = 'say "hi"'  # a source column name with quotes is quoted, not pasted, into the DDL
+        assert write_table(ref, [_frame(10).assign(**{odd: 1.5}), _frame(10, 10).assign(**{odd: 2.5})]) == 20
         back = read_frame(ref)
         assert back["id"].tolist() == list(range(20)) and back["x"].dtype == "float64"
+        assert back[odd].tolist() == [1.5] * 10 + [2.5] * 10
         assert sum(len(c) for c in iter_frames(ref, chunk_size=7)) == 20
 
         def broken():
