@@ -403,14 +403,12 @@ def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict
 
     The staging table is filled in transactions of ~500k rows: DuckDB writes a large
     transaction's row groups straight to the file (no WAL copy), and memory stays bounded. A
-    killed job leaves at most a staging table, which the next run drops. `constants` are
-    query parameters selected with every chunk. (Adding them at the end with ADD COLUMN ...
-    DEFAULT saves a third of the insert time, but it builds both columns for the whole table
-    in the swap transaction: +200 MB peak for a 10M-row imputation, over the memory target.)
+    killed job leaves at most a staging table, which the next run drops. `constants` become
+    virtual generated columns (`GENERATED ALWAYS AS ('value')`): every row reads its value, but
+    nothing is stored or compressed per row (as per-row VARCHAR values they cost a third of the
+    embed job's insert time; added at the end with ADD COLUMN ... DEFAULT, +200 MB peak memory).
     """
     staging = _staging(ref)
-    extra = "".join(f", ?::VARCHAR AS {_quote(name)}" for name in constants)
-    values = list(constants.values())
     rows = uncommitted = 0
     with _duckdb(ref.location) as con:
         if len(ref.table) == 2:
@@ -421,10 +419,8 @@ def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict
             for i, frame in enumerate(frames):
                 con.register("_vaeflow_chunk", frame)
                 if i == 0:
-                    sql = f"CREATE TABLE {staging.quoted()} AS SELECT *{extra} FROM _vaeflow_chunk"
-                else:
-                    sql = f"INSERT INTO {staging.quoted()} SELECT *{extra} FROM _vaeflow_chunk"
-                con.execute(sql, values)
+                    con.execute(f"CREATE TABLE {staging.quoted()} ({_duck_columns(con, constants)})")
+                con.execute(f"INSERT INTO {staging.quoted()} SELECT * FROM _vaeflow_chunk")
                 con.unregister("_vaeflow_chunk")
                 rows, uncommitted = rows + len(frame), uncommitted + len(frame)
                 if uncommitted >= _DUCKDB_COMMIT_ROWS:
@@ -442,6 +438,23 @@ def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict
                 con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")  # what earlier commits filled
             raise
     return rows
+
+
+def _duck_columns(con, constants: dict[str, str]) -> str:
+    """Column definitions of the registered chunk (DuckDB's own types for it), then one
+    virtual generated VARCHAR column per constant, its value an escaped string literal."""
+    described = con.execute("DESCRIBE SELECT * FROM _vaeflow_chunk").fetchall()
+    columns = [f"{_quote(name)} {dtype}" for name, dtype, *_ in described]
+    columns += [
+        f"{_quote(name)} VARCHAR GENERATED ALWAYS AS ({_literal(value)}) VIRTUAL"
+        for name, value in constants.items()
+    ]
+    return ", ".join(columns)
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal (embedded single quotes doubled)."""
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _exists_duck(con, ref: TableRef) -> bool:

@@ -63,12 +63,21 @@ def test_constant_columns_are_added_to_every_row(tmp_path, dest):
     back = read_frame(ref)
     assert list(back.columns) == ["id", "x", "c", "model_version", "run_id"]
     assert (back["model_version"].astype(str) == "3").all() and (back["run_id"] == "it's-a-run").all()
-    if ref.kind == "duckdb":  # plain text columns, with no default
+    if ref.kind == "duckdb":  # data columns keep their types; tags are generated text columns
         import duckdb
 
         with duckdb.connect(ref.location) as con:
-            described = con.execute("DESCRIBE scored").fetchall()
-        assert {row[0]: (row[1], row[4]) for row in described}["run_id"] == ("VARCHAR", None)
+            columns = con.execute(
+                "SELECT column_name, data_type, is_generated FROM information_schema.columns "
+                "WHERE table_name = 'scored' ORDER BY ordinal_position"
+            ).fetchall()
+        assert columns == [
+            ("id", "BIGINT", "NEVER"),
+            ("x", "DOUBLE", "NEVER"),
+            ("c", "VARCHAR", "NEVER"),
+            ("model_version", "VARCHAR", "ALWAYS"),
+            ("run_id", "VARCHAR", "ALWAYS"),
+        ]
     with pytest.raises(SourceError, match="model_version twice"):
         write_table(ref, [_frame(3).assign(model_version="x")], tags)
     assert len(read_frame(ref)) == 9  # the failed write left the output as it was
