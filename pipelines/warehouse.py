@@ -117,7 +117,9 @@ def parse_ref(text: str, warehouse_url: str) -> TableRef:
 
 
 @contextlib.contextmanager
-def _duckdb(path: str, read_only: bool = False):
+def _duckdb(path: str, read_only: bool = False, threads: int | None = None):
+    """A DuckDB connection with a bounded buffer pool; `threads` caps DuckDB's worker threads
+    (None: DuckDB's default, one per core)."""
     import duckdb
 
     if read_only and not Path(path).exists():
@@ -127,6 +129,8 @@ def _duckdb(path: str, read_only: bool = False):
     # DuckDB keeps written data in its buffer pool until a checkpoint; a bounded pool keeps a
     # job's memory flat however large the table it writes
     con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+    if threads is not None:
+        con.execute(f"SET threads = {int(threads)}")
     try:
         yield con
     finally:
@@ -189,13 +193,19 @@ def _fix_decimals(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def iter_frames(
-    ref: TableRef, chunk_size: int = 50_000, *, offset: int = 0, limit: int | None = None
+    ref: TableRef,
+    chunk_size: int = 50_000,
+    *,
+    offset: int = 0,
+    limit: int | None = None,
+    threads: int | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Stream a table as DataFrames of at most `chunk_size` rows, in table order.
 
     `offset`/`limit` read one row range (a partition for distributed scoring): DuckDB opens
     read-only (partition readers run in parallel processes), PostgreSQL orders by physical row
     id, Parquet reads only the row groups that overlap the range, CSV skips the rows before it.
+    `threads` caps DuckDB's worker threads for this read.
     """
     ranged = bool(offset) or limit is not None
     _require(ref, read_only=ranged)
@@ -209,7 +219,7 @@ def iter_frames(
         yield from _iter_csv(ref.location, chunk_size, offset, limit)
     elif ref.kind == "duckdb":
         window = f" LIMIT {'ALL' if limit is None else int(limit)} OFFSET {int(offset)}" if ranged else ""
-        with _duckdb(ref.location, read_only=ranged) as con:
+        with _duckdb(ref.location, read_only=ranged, threads=threads) as con:
             relation = con.sql(f"SELECT * FROM {ref.quoted()}{window}")
             to_reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch  # duckdb 2 / 1
             for batch in to_reader(chunk_size):
@@ -334,12 +344,16 @@ def _pg_type(dtype) -> str:
 
 
 def write_table(
-    ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str] | None = None
+    ref: TableRef,
+    frames: Iterable[pd.DataFrame],
+    constants: dict[str, str] | None = None,
+    *,
+    threads: int | None = None,
 ) -> int:
     """Write all frames to `ref` atomically, replacing what was there; returns the row count.
 
     `constants` are text columns with one value for every row (e.g. the model version), added
-    by the writer rather than carried through each chunk.
+    by the writer rather than carried through each chunk. `threads` caps DuckDB's worker threads.
     """
     constants = constants or {}
     if constants:
@@ -347,7 +361,7 @@ def write_table(
     if ref.kind in ("parquet", "csv"):
         return _write_file(ref, frames, constants)
     if ref.kind == "duckdb":
-        return _write_duckdb(ref, frames, constants)
+        return _write_duckdb(ref, frames, constants, threads)
     return _write_postgres(ref, (frame.assign(**constants) for frame in frames))
 
 
@@ -398,7 +412,9 @@ def _staging(ref: TableRef) -> TableRef:
 _DUCKDB_COMMIT_ROWS = 500_000  # rows per transaction while filling the staging table
 
 
-def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str]) -> int:
+def _write_duckdb(
+    ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str], threads: int | None
+) -> int:
     """Fill a staging table chunk by chunk, then swap it in for the target in one transaction.
 
     The staging table is filled in transactions of ~500k rows: DuckDB writes a large
@@ -410,7 +426,7 @@ def _write_duckdb(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict
     """
     staging = _staging(ref)
     rows = uncommitted = 0
-    with _duckdb(ref.location) as con:
+    with _duckdb(ref.location, threads=threads) as con:
         if len(ref.table) == 2:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(ref.table[0])}")
         con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")

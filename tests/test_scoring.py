@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from pipelines import warehouse as warehouse_module
 from pipelines.config import load_settings
 from pipelines.errors import ConfigError, VaeflowError
 from pipelines.scoring import ordered_map, run_job, scoring_device
@@ -88,3 +91,23 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(bundle, warehouse):
     with pytest.raises(VaeflowError, match="set score.device to auto or cpu"):
         run_job(bundle, "embed", "t", "never_written", warehouse, model_version="7", run_id="abc")
     assert next(bundle.vae.parameters()).device.type == "cpu"
+
+
+def test_cpu_jobs_read_and_write_with_one_duckdb_thread(bundle, warehouse, monkeypatch):
+    """On the CPU, torch's threads do the scoring: the job's DuckDB reads and writes run with
+    one DuckDB worker thread (checked on the live connections), other connections keep the default."""
+    opened: list[tuple[int | None, int]] = []
+    real = warehouse_module._duckdb
+
+    @contextlib.contextmanager
+    def spy(path, read_only=False, threads=None):
+        with real(path, read_only, threads) as con:
+            opened.append((threads, con.execute("SELECT current_setting('threads')").fetchall()[0][0]))
+            yield con
+
+    monkeypatch.setattr(warehouse_module, "_duckdb", spy)
+    warehouse.score.device = "cpu"
+    run_job(bundle, "embed", "t", "codes", warehouse, model_version="7", run_id="abc")
+    capped = [setting for asked, setting in opened if asked is not None]
+    assert capped == [1, 1]  # the chunked read and the write
+    assert len(read_frame(parse_ref("codes", warehouse.warehouse_url))) == 2300
