@@ -10,6 +10,7 @@ transaction or rename, so a failed job leaves the previous output intact.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -25,8 +26,12 @@ import pyarrow.parquet as pq
 
 from pipelines.errors import SourceError
 
+log = logging.getLogger(__name__)
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 DUCKDB_MEMORY_LIMIT = os.environ.get("VAEFLOW_DUCKDB_MEMORY_LIMIT", "256MB")
+_DUCKDB_ROW_GROUP = 122_880  # rows in one DuckDB row group (its unit of writing and checkpointing)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
 FILE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 
 
@@ -218,12 +223,22 @@ def iter_frames(
     elif ref.kind == "csv":
         yield from _iter_csv(ref.location, chunk_size, offset, limit)
     elif ref.kind == "duckdb":
+        import duckdb
+
         window = f" LIMIT {'ALL' if limit is None else int(limit)} OFFSET {int(offset)}" if ranged else ""
         with _duckdb(ref.location, read_only=ranged, threads=threads) as con:
+            # room for a chunk and the row group it is cut from, at ~16 bytes a cell
+            columns = len(con.execute(f"DESCRIBE SELECT * FROM {ref.quoted()}").fetchall())
+            _fit_memory_limit(con, 16.0 * columns, columns, max(chunk_size, _DUCKDB_ROW_GROUP))
             relation = con.sql(f"SELECT * FROM {ref.quoted()}{window}")
             to_reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch  # duckdb 2 / 1
-            for batch in to_reader(chunk_size):
-                yield batch.to_pandas(split_blocks=True)
+            try:
+                for batch in to_reader(chunk_size):
+                    yield batch.to_pandas(split_blocks=True)
+            except (OSError, duckdb.OutOfMemoryException) as exc:  # pyarrow's reader wraps DuckDB's
+                if "Out of Memory" not in str(exc):
+                    raise
+                raise _out_of_memory(con, f"reading {ref}", exc) from exc
     else:
         window = " ORDER BY ctid LIMIT %s OFFSET %s" if ranged else ""
         with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_read") as cur:
@@ -424,6 +439,8 @@ def _write_duckdb(
     nothing is stored or compressed per row (as per-row VARCHAR values they cost a third of the
     embed job's insert time; added at the end with ADD COLUMN ... DEFAULT, +200 MB peak memory).
     """
+    import duckdb
+
     staging = _staging(ref)
     rows = uncommitted = 0
     with _duckdb(ref.location, threads=threads) as con:
@@ -435,6 +452,7 @@ def _write_duckdb(
             for i, frame in enumerate(frames):
                 con.register("_vaeflow_chunk", frame)
                 if i == 0:
+                    _fit_memory_limit(con, _frame_row_bytes(frame), frame.shape[1])
                     con.execute(f"CREATE TABLE {staging.quoted()} ({_duck_columns(con, constants)})")
                 con.execute(f"INSERT INTO {staging.quoted()} SELECT * FROM _vaeflow_chunk")
                 con.unregister("_vaeflow_chunk")
@@ -448,12 +466,52 @@ def _write_duckdb(
             con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
             con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.table[-1])}")
             con.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):  # best effort: the original error is what counts
                 con.execute("ROLLBACK")
                 con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")  # what earlier commits filled
+            if isinstance(exc, duckdb.OutOfMemoryException):
+                raise _out_of_memory(con, f"writing {ref} (the previous output is unchanged)", exc) from exc
             raise
     return rows
+
+
+def _fit_memory_limit(con, row_bytes: float, columns: int, rows: int = _DUCKDB_ROW_GROUP) -> None:
+    """Raise DuckDB's memory limit to 1.5x `rows` rows of `row_bytes` when that is more.
+
+    DuckDB writes, checkpoints and scans a table a row group (122,880 rows) at a time: with 600
+    double columns (590 MB a row group) a 488 MB limit failed a checkpoint with a fatal error
+    and 640 MB passed (measured), so a fixed 256 MB fails beyond ~150 such columns.
+    """
+    need = int(1.5 * rows * row_bytes)
+    if need > _size_bytes(DUCKDB_MEMORY_LIMIT):
+        log.info("raising DuckDB's memory limit to %d MB for %d columns", need >> 20, columns)
+        con.execute(f"SET memory_limit = '{need}B'")
+
+
+def _frame_row_bytes(frame: pd.DataFrame) -> float:
+    return float(frame.memory_usage(index=False, deep=True).sum()) / max(len(frame), 1)
+
+
+def _out_of_memory(con, doing: str, exc: Exception) -> SourceError:
+    limit = DUCKDB_MEMORY_LIMIT
+    with contextlib.suppress(Exception):
+        limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    return SourceError(
+        f"DuckDB ran out of memory {doing} within its memory_limit of {limit}: set "
+        f"VAEFLOW_DUCKDB_MEMORY_LIMIT higher (e.g. 2GB) or lower score.chunk_size. DuckDB said: "
+        f"{str(exc).splitlines()[0]}"
+    )
+
+
+def _size_bytes(text: str) -> int:
+    """A DuckDB size setting ("256MB", "1GiB", "300000000B") in bytes; 0 when unparsable."""
+    match = _SIZE.match(text)
+    if not match:
+        return 0
+    unit = (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))
 
 
 def _duck_columns(con, constants: dict[str, str]) -> str:

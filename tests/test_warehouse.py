@@ -1,9 +1,11 @@
 import os
 import uuid
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines import warehouse
 from pipelines.errors import SourceError
 from pipelines.warehouse import iter_frames, parse_ref, read_frame, table_exists, write_table
 
@@ -205,3 +207,31 @@ def test_range_reads_cover_the_table_exactly_once(tmp_path):
             len(f) <= 300 for o in (0, 1000, 2000) for f in iter_frames(ref, 300, offset=o, limit=1000)
         )
         assert pd.concat(parts)["id"].tolist() == list(range(2500)), dest
+
+
+def _wide(rows: int, columns: int = 150) -> pd.DataFrame:
+    values = np.random.default_rng(0).standard_normal((rows, columns))
+    return pd.DataFrame(values, columns=[f"c{i}" for i in range(columns)])
+
+
+def test_wide_tables_raise_duckdb_memory_to_one_row_group(tmp_path, monkeypatch):
+    """A row group of a wide table can outgrow DuckDB's memory limit (here 32MB against ~150MB
+    for 150 double columns): the writer and the reader raise the limit to fit it."""
+    monkeypatch.setattr(warehouse, "DUCKDB_MEMORY_LIMIT", "32MB")
+    ref = parse_ref("wide", f"duckdb:///{tmp_path}/w.duckdb")
+    chunk = _wide(20_000)
+    assert write_table(ref, [chunk, chunk, chunk], {"model_version": "1"}) == 60_000
+    frames = list(iter_frames(ref, chunk_size=50_000))
+    assert [len(f) for f in frames] == [50_000, 10_000]
+    assert frames[0].shape[1] == 151 and np.allclose(frames[1]["c7"], chunk["c7"].iloc[10_000:])
+
+
+def test_out_of_memory_is_a_clear_error_and_keeps_the_old_output(tmp_path, monkeypatch):
+    ref = parse_ref("wide", f"duckdb:///{tmp_path}/w.duckdb")
+    write_table(ref, [_frame(4)])
+    monkeypatch.setattr(warehouse, "DUCKDB_MEMORY_LIMIT", "8MB")
+    monkeypatch.setattr(warehouse, "_fit_memory_limit", lambda *args, **kwargs: None)
+    with pytest.raises(SourceError, match="DuckDB ran out of memory writing .*VAEFLOW_DUCKDB_MEMORY_LIMIT"):
+        write_table(ref, [_wide(20_000), _wide(20_000)])
+    monkeypatch.undo()
+    assert read_frame(ref)["id"].tolist() == [0, 1, 2, 3]
