@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,6 +33,10 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 DUCKDB_MEMORY_LIMIT = os.environ.get("VAEFLOW_DUCKDB_MEMORY_LIMIT", "256MB")
 _DUCKDB_ROW_GROUP = 122_880  # rows in one DuckDB row group (its unit of writing and checkpointing)
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+# connections to one DuckDB file share its settings: per file, [open connections, the memory
+# limit one of them raised (bytes)], so a connection opening later does not lower it again
+_RAISED: dict[str, list[int]] = {}
+_RAISED_LOCK = threading.Lock()
 FILE_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 
 
@@ -131,15 +136,25 @@ def _duckdb(path: str, read_only: bool = False, threads: int | None = None):
         raise SourceError(f"DuckDB warehouse file {path} does not exist")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(path, read_only=read_only)
+    key = str(Path(path).resolve())
     # DuckDB keeps written data in its buffer pool until a checkpoint; a bounded pool keeps a
     # job's memory flat however large the table it writes
-    con.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
-    if threads is not None:
-        con.execute(f"SET threads = {int(threads)}")
+    with _RAISED_LOCK:
+        entry = _RAISED.setdefault(key, [0, 0])
+        entry[0] += 1
     try:
+        with _RAISED_LOCK:
+            raised = entry[1] > (_size_bytes(DUCKDB_MEMORY_LIMIT) or 0)
+            con.execute(f"SET memory_limit = '{f'{entry[1]}B' if raised else DUCKDB_MEMORY_LIMIT}'")
+        if threads is not None:
+            con.execute(f"SET threads = {int(threads)}")
         yield con
     finally:
         con.close()
+        with _RAISED_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                _RAISED.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -229,7 +244,7 @@ def iter_frames(
         with _duckdb(ref.location, read_only=ranged, threads=threads) as con:
             # room for a chunk and the row group it is cut from, at ~16 bytes a cell
             columns = len(con.execute(f"DESCRIBE SELECT * FROM {ref.quoted()}").fetchall())
-            _fit_memory_limit(con, 16.0 * columns, columns, max(chunk_size, _DUCKDB_ROW_GROUP))
+            _fit_memory_limit(con, ref.location, 16.0 * columns, columns, max(chunk_size, _DUCKDB_ROW_GROUP))
             relation = con.sql(f"SELECT * FROM {ref.quoted()}{window}")
             to_reader = getattr(relation, "to_arrow_reader", None) or relation.record_batch  # duckdb 2 / 1
             try:
@@ -452,7 +467,7 @@ def _write_duckdb(
             for i, frame in enumerate(frames):
                 con.register("_vaeflow_chunk", frame)
                 if i == 0:
-                    _fit_memory_limit(con, _frame_row_bytes(frame), frame.shape[1])
+                    _fit_memory_limit(con, ref.location, _frame_row_bytes(frame), frame.shape[1])
                     con.execute(f"CREATE TABLE {staging.quoted()} ({_duck_columns(con, constants)})")
                 con.execute(f"INSERT INTO {staging.quoted()} SELECT * FROM _vaeflow_chunk")
                 con.unregister("_vaeflow_chunk")
@@ -476,17 +491,22 @@ def _write_duckdb(
     return rows
 
 
-def _fit_memory_limit(con, row_bytes: float, columns: int, rows: int = _DUCKDB_ROW_GROUP) -> None:
-    """Raise DuckDB's memory limit to 1.5x `rows` rows of `row_bytes` when that is more.
+def _fit_memory_limit(con, path: str, row_bytes: float, columns: int, rows: int = _DUCKDB_ROW_GROUP) -> None:
+    """Raise DuckDB's memory limit to 1.5x `rows` rows of `row_bytes` when that is more (and
+    the configured limit is a size, not e.g. a percentage).
 
     DuckDB writes, checkpoints and scans a table a row group (122,880 rows) at a time: with 600
     double columns (590 MB a row group) a 488 MB limit failed a checkpoint with a fatal error
     and 640 MB passed (measured), so a fixed 256 MB fails beyond ~150 such columns.
     """
-    need = int(1.5 * rows * row_bytes)
-    if need > _size_bytes(DUCKDB_MEMORY_LIMIT):
+    need, configured = int(1.5 * rows * row_bytes), _size_bytes(DUCKDB_MEMORY_LIMIT)
+    with _RAISED_LOCK:
+        entry = _RAISED[str(Path(path).resolve())]
+        if configured is None or need <= max(configured, entry[1]):
+            return
         log.info("raising DuckDB's memory limit to %d MB for %d columns", need >> 20, columns)
         con.execute(f"SET memory_limit = '{need}B'")
+        entry[1] = need
 
 
 def _frame_row_bytes(frame: pd.DataFrame) -> float:
@@ -504,11 +524,11 @@ def _out_of_memory(con, doing: str, exc: Exception) -> SourceError:
     )
 
 
-def _size_bytes(text: str) -> int:
-    """A DuckDB size setting ("256MB", "1GiB", "300000000B") in bytes; 0 when unparsable."""
+def _size_bytes(text: str) -> int | None:
+    """A DuckDB size setting ("256MB", "1GiB", "300000000B") in bytes; None when it is not one."""
     match = _SIZE.match(text)
     if not match:
-        return 0
+        return None
     unit = (match.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))

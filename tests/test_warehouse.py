@@ -235,3 +235,23 @@ def test_out_of_memory_is_a_clear_error_and_keeps_the_old_output(tmp_path, monke
         write_table(ref, [_wide(20_000), _wide(20_000)])
     monkeypatch.undo()
     assert read_frame(ref)["id"].tolist() == [0, 1, 2, 3]
+
+
+def test_a_raised_memory_limit_holds_while_the_file_has_connections(tmp_path, monkeypatch):
+    """Connections to one DuckDB file share its settings: a writer opened while a wide read is
+    streaming must not put the limit the reader raised back down."""
+    monkeypatch.setattr(warehouse, "DUCKDB_MEMORY_LIMIT", "32MB")
+    wh = f"duckdb:///{tmp_path}/w.duckdb"
+    src = parse_ref("wide", wh)
+    chunk = _wide(20_000)
+    write_table(src, [chunk, chunk, chunk])
+    frames = iter_frames(src, chunk_size=10_000)
+    first = next(frames)  # the reader's connection is open and has raised the limit
+
+    def narrow():
+        yield first[["c0"]]
+        for frame in frames:
+            yield frame[["c0"]]
+
+    assert write_table(parse_ref("narrow", wh), narrow()) == 60_000
+    assert warehouse._RAISED == {}  # forgotten once the file has no connections
