@@ -400,9 +400,9 @@ def report(r: dict) -> str:
         f"Dask scale-out (anomaly, 1M rows): 1 worker {r['dask'][1]['seconds']:.1f} s, "
         f"2 workers {r['dask'][2]['seconds']:.1f} s, speedup {r['dask']['speedup']:.2f}x",
         "\nTargets:",
-        f"  embed end to end >= 0.70x bare     {embed:.2f}    {_verdict(embed >= 0.70)}",
-        f"  peak RSS at {full} rows < 1500 MB  {rss:.0f}    {_verdict(rss < 1500)}",
-        f"  Lightning epoch <= 1.10x plain     {t['ratio']:.2f}    {_verdict(t['ratio'] <= 1.10)}",
+        f"  embed end to end >= 0.70x bare     {embed:.3f}    {_verdict(embed >= 0.70)}",
+        f"  peak RSS at {full} rows < 1500 MB  {rss:.0f}     {_verdict(rss < 1500)}",
+        f"  Lightning epoch <= 1.10x plain     {t['ratio']:.3f}    {_verdict(t['ratio'] <= 1.10)}",
         f"\nwall time {r['seconds']:.0f} s",
     ]
     return "\n".join(lines)
