@@ -59,8 +59,6 @@ def score_frame(
     if job not in JOBS:
         raise VaeflowError(f"unknown job {job!r}: use one of {', '.join(JOBS)}")
     schema, vae = bundle.schema, bundle.vae
-    # a generator of its own per call: chunks scored in parallel threads stay reproducible
-    gen = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)
     if job == "sample":
         num, cat = inference.sample(vae, rows, seed=seed)
         return schema.decode(num, cat)
@@ -68,6 +66,12 @@ def score_frame(
         table = schema.encode(df)
     except SchemaError as exc:
         raise DataError(str(exc)) from exc
+    if job == "embed":
+        mu, _ = inference.embed(vae, table)  # float32, the network's own precision
+        codes = pd.DataFrame(mu, columns=[f"z_{j}" for j in range(mu.shape[1])])
+        return pd.concat([_keyed(bundle, df), codes], axis=1)
+    # a generator of its own per call: chunks scored in parallel threads stay reproducible
+    gen = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)
     if job == "anomaly":
         scores = inference.anomaly_scores(vae, table, k=k, generator=gen).score
         out = _keyed(bundle, df)
@@ -75,10 +79,6 @@ def score_frame(
         threshold = bundle.extra.get("anomaly_threshold")
         out["is_anomaly"] = scores > threshold if threshold is not None else False
         return out
-    if job == "embed":
-        mu, _ = inference.embed(vae, table)  # float32, the network's own precision
-        codes = pd.DataFrame(mu, columns=[f"z_{j}" for j in range(mu.shape[1])])
-        return pd.concat([_keyed(bundle, df), codes], axis=1)
     imp = inference.impute(vae, table, k=k, generator=gen)
     decoded = schema.decode(imp.x_num, imp.x_cat)
     out = df.reset_index(drop=True).copy()
