@@ -95,7 +95,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(bundle, warehouse):
 
 def test_cpu_jobs_read_and_write_with_one_duckdb_thread(bundle, warehouse, monkeypatch):
     """On the CPU, torch's threads do the scoring: the job's DuckDB reads and writes run with
-    one DuckDB worker thread (checked on the live connections), other connections keep the default."""
+    one DuckDB worker thread (checked on the live connections)."""
     opened: list[tuple[int | None, int]] = []
     real = warehouse_module._duckdb
 
