@@ -102,12 +102,12 @@ def scoring_device(setting: str) -> torch.device:
     return device
 
 
-def duckdb_threads(device: torch.device) -> int | None:
-    """DuckDB worker threads for a job's reads and writes: 1 when torch scores on the CPU (its
-    threads, the read-ahead thread and the writer already keep every core busy, and DuckDB's
-    own workers would only compete with them: ~10% more rows/s measured for embed on 2 cores),
-    DuckDB's default when a GPU scores and the cores are free for reading and writing."""
-    return 1 if device.type == "cpu" else None
+def duckdb_threads(vae: torch.nn.Module) -> int | None:
+    """DuckDB worker threads for a job's reads and writes: 1 when the model scores on the CPU
+    (torch's threads, the read-ahead thread and the writer already keep every core busy, and
+    DuckDB's own workers would only compete with them: ~10% more rows/s measured for embed on 2
+    cores), DuckDB's default when it scores on a GPU and the cores are free for reading and writing."""
+    return 1 if next(vae.parameters()).device.type == "cpu" else None
 
 
 @dataclass
@@ -268,10 +268,9 @@ def plan_partitions(n_rows: int, settings: Settings, scratch: Path) -> list[Part
 
 def score_partition(bundle: ModelBundle, job: str, source: str, part: Partition, settings: Settings) -> int:
     """Score one partition of `source` into its own Parquet file (atomically); returns rows."""
-    device = scoring_device(settings.score.device)  # each worker picks its own
-    bundle.vae.to(device)
+    bundle.vae.to(scoring_device(settings.score.device))  # each worker picks its own device
     src = parse_ref(source, settings.warehouse_url)
-    threads = duckdb_threads(device)
+    threads = duckdb_threads(bundle.vae)
     frames = prefetch(
         iter_frames(src, settings.score.chunk_size, offset=part.offset, limit=part.limit, threads=threads)
     )
@@ -314,9 +313,8 @@ def run_job(
         raise VaeflowError(f"destination {dst} is the source table; choose another --dest")
     tags = {"model_version": str(model_version), "run_id": run_id}
     cfg = settings.score
-    device = scoring_device(cfg.device)
-    bundle.vae.to(device)
-    threads = duckdb_threads(device)
+    bundle.vae.to(scoring_device(cfg.device))
+    threads = duckdb_threads(bundle.vae)
     start = time.perf_counter()
     if job == "sample":
         samples = _progress(_samples(bundle, settings), job, cfg.sample_rows, cfg.progress_bar)

@@ -80,6 +80,11 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _literal(value: str) -> str:
+    """A SQL string literal (embedded single quotes doubled), for DDL, which takes no parameters."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def redact_url(url: str) -> str:
     """A database URL with its password replaced by *** (for messages, logs and MLflow)."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
@@ -544,11 +549,6 @@ def _duck_columns(con, constants: dict[str, str]) -> str:
         for name, value in constants.items()
     ]
     return ", ".join(columns)
-
-
-def _literal(value: str) -> str:
-    """A SQL string literal (embedded single quotes doubled)."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _exists_duck(con, ref: TableRef) -> bool:
