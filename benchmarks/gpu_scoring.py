@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.throughput import bare_rows_per_s, make_table, settings_for, train_bundle
+from benchmarks.throughput import bare_timing, make_table, settings_for, train_bundle
 
 CHECK_ROWS = 200_000  # rows compared between GPU and CPU
 
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         bundle.vae.to("cuda")  # for the bare timing; the jobs move it with score.device (auto)
         print(f"\n{'job':>8} {'workers':>8} {'e2e rows/s':>12} {'bare rows/s':>12} {'e2e/bare':>9}")
         for job in ("embed", "anomaly", "impute"):
-            bare = bare_rows_per_s(bundle, sample, job, args.k)
+            rows, seconds = bare_timing(bundle, sample, job, args.k)
+            bare = rows / seconds
             for workers in args.workers:
                 settings = settings_for(workdir, warehouse, args.k, f"score.concurrent_chunks={workers}")
                 result = run_job(

@@ -328,7 +328,13 @@ def run_job(
             # read ahead in one thread, score in `concurrent_chunks` threads, write in this one
             frames = prefetch(iter_frames(src, cfg.chunk_size, threads=threads))
             chunks = _scored(bundle, job, frames, settings)
-            rows = write_table(dst, _progress(chunks, job, total, cfg.progress_bar), tags, threads=threads)
+            rows = write_table(
+                dst,
+                _progress(chunks, job, total, cfg.progress_bar),
+                tags,
+                threads=threads,
+                compress_floats=job != "embed",  # embeddings: no float codec shrinks them
+            )
             if rows == 0:
                 raise DataError(f"{src} has no rows to score")
         else:
@@ -338,7 +344,7 @@ def run_job(
                 parts = plan_partitions(total, settings, Path(scratch))
                 run_partitions(parts)
                 scored = _progress(_read_parts(parts), job, total, cfg.progress_bar)
-                rows = write_table(dst, scored, tags, threads=threads)
+                rows = write_table(dst, scored, tags, threads=threads, compress_floats=job != "embed")
     seconds = time.perf_counter() - start
     result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
     log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)

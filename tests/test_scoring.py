@@ -111,3 +111,18 @@ def test_cpu_jobs_read_and_write_with_one_duckdb_thread(bundle, warehouse, monke
     capped = [setting for asked, setting in opened if asked is not None]
     assert capped == [1, 1]  # the chunked read and the write
     assert len(read_frame(parse_ref("codes", warehouse.warehouse_url))) == 2300
+
+
+def test_only_embed_writes_its_floats_uncompressed(bundle, warehouse, monkeypatch):
+    """Embeddings skip DuckDB's float codecs (they cannot shrink them); other outputs keep them."""
+    asked: list[bool] = []
+    real = warehouse_module._float_compression
+
+    def spy(con, enabled):
+        asked.append(enabled)
+        return real(con, enabled)
+
+    monkeypatch.setattr(warehouse_module, "_float_compression", spy)
+    run_job(bundle, "embed", "t", "codes", warehouse, model_version="7", run_id="abc")
+    run_job(bundle, "anomaly", "t", "scores", warehouse, model_version="7", run_id="abc")
+    assert asked == [False, True]

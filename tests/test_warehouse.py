@@ -255,3 +255,30 @@ def test_a_raised_memory_limit_holds_while_the_file_has_connections(tmp_path, mo
 
     assert write_table(parse_ref("narrow", wh), narrow()) == 60_000
     assert warehouse._RAISED == {}  # forgotten once the file has no connections
+
+
+def test_uncompressed_floats_skip_float_codecs_only_and_restore_the_setting(tmp_path):
+    """An embed output's float columns are stored uncompressed (no ALP analysis), its integer
+    key keeps its codec, a default write compresses the same floats, and the setting (global to
+    the database file) is back as it was for the connections that share it."""
+    import duckdb
+
+    rng = np.random.default_rng(0)
+    n = 130_000  # more than a row group, so rows reach the file while the writer holds the setting
+    z = pd.DataFrame(rng.standard_normal((n, 2)).astype("float32"), columns=["z_0", "z_1"])
+    frame = pd.concat([pd.DataFrame({"id": np.arange(n)}), z], axis=1)
+    path = tmp_path / "w.duckdb"
+    wh = f"duckdb:///{path}"
+    with duckdb.connect(str(path)) as other:  # another connection to the file, open throughout
+        write_table(parse_ref("plain", wh), [frame])
+        write_table(parse_ref("embedded", wh), [frame], compress_floats=False)
+        assert other.execute("SELECT current_setting('disabled_compression_methods')").fetchone()[0] == ""
+        sql = "SELECT DISTINCT compression FROM pragma_storage_info(?) WHERE column_name = ? AND segment_type <> 'VALIDITY'"
+
+        def codecs(table, column):
+            return {row[0] for row in other.execute(sql, [table, column]).fetchall()}
+
+        assert codecs("embedded", "z_0") == {"Uncompressed"}
+        assert "Uncompressed" not in codecs("plain", "z_0")
+        assert "Uncompressed" not in codecs("embedded", "id")
+    assert read_frame(parse_ref("embedded", wh))["z_1"].to_numpy().tolist() == z["z_1"].tolist()
