@@ -380,15 +380,27 @@ def _pg_type(dtype) -> str:
     return _PG_TYPES.get(kind, "text")
 
 
+Frame = pd.DataFrame | pa.Table  # what the writers take: a pandas frame or an Arrow table
+
+
+def _pandas(frame: Frame) -> pd.DataFrame:
+    return frame.to_pandas() if isinstance(frame, pa.Table) else frame
+
+
+def _names(frame: Frame) -> list[str]:
+    return list(frame.column_names if isinstance(frame, pa.Table) else frame.columns)
+
+
 def write_table(
     ref: TableRef,
-    frames: Iterable[pd.DataFrame],
+    frames: Iterable[Frame],
     constants: dict[str, str] | None = None,
     *,
     threads: int | None = None,
     compress_floats: bool = True,
 ) -> int:
-    """Write all frames to `ref` atomically, replacing what was there; returns the row count.
+    """Write all frames (DataFrames or Arrow tables) to `ref` atomically, replacing what was
+    there; returns the row count.
 
     `constants` are text columns with one value for every row (e.g. the model version), added
     by the writer rather than carried through each chunk. `threads` caps DuckDB's worker threads.
@@ -402,12 +414,12 @@ def write_table(
         return _write_file(ref, frames, constants)
     if ref.kind == "duckdb":
         return _write_duckdb(ref, frames, constants, threads, compress_floats)
-    return _write_postgres(ref, (frame.assign(**constants) for frame in frames))
+    return _write_postgres(ref, (_pandas(frame).assign(**constants) for frame in frames))
 
 
-def _without_clash(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str]):
+def _without_clash(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]):
     for i, frame in enumerate(frames):
-        if i == 0 and (clash := [name for name in constants if name in frame.columns]):
+        if i == 0 and (clash := [name for name in constants if name in _names(frame)]):
             raise SourceError(
                 f"the output for {ref} would have column(s) {', '.join(clash)} twice: the writer adds "
                 f"them (one value for every row); rename that column in the source table"
@@ -415,7 +427,7 @@ def _without_clash(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dic
         yield frame
 
 
-def _write_file(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[str, str]) -> int:
+def _write_file(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]) -> int:
     target = Path(ref.location)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -423,7 +435,9 @@ def _write_file(ref: TableRef, frames: Iterable[pd.DataFrame], constants: dict[s
     rows, writer, schema = 0, None, None
     try:
         for frame in frames:
-            table = pa.Table.from_pandas(frame, preserve_index=False)
+            table = (
+                frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+            )
             for name, value in constants.items():
                 table = table.append_column(name, pa.repeat(pa.scalar(value, pa.string()), len(table)))
             if writer is None:
@@ -454,7 +468,7 @@ _DUCKDB_COMMIT_ROWS = 500_000  # rows per transaction while filling the staging 
 
 def _write_duckdb(
     ref: TableRef,
-    frames: Iterable[pd.DataFrame],
+    frames: Iterable[Frame],
     constants: dict[str, str],
     threads: int | None,
     compress_floats: bool = True,
@@ -481,7 +495,7 @@ def _write_duckdb(
             for i, frame in enumerate(frames):
                 con.register("_vaeflow_chunk", frame)
                 if i == 0:
-                    _fit_memory_limit(con, ref.location, _frame_row_bytes(frame), frame.shape[1])
+                    _fit_memory_limit(con, ref.location, _frame_row_bytes(frame), len(_names(frame)))
                     con.execute(f"CREATE TABLE {staging.quoted()} ({_duck_columns(con, constants)})")
                 con.execute(f"INSERT INTO {staging.quoted()} SELECT * FROM _vaeflow_chunk")
                 con.unregister("_vaeflow_chunk")
@@ -547,7 +561,9 @@ def _fit_memory_limit(con, path: str, row_bytes: float, columns: int, rows: int 
         entry[1] = need
 
 
-def _frame_row_bytes(frame: pd.DataFrame) -> float:
+def _frame_row_bytes(frame: Frame) -> float:
+    if isinstance(frame, pa.Table):
+        return float(frame.nbytes) / max(frame.num_rows, 1)
     return float(frame.memory_usage(index=False, deep=True).sum()) / max(len(frame), 1)
 
 
