@@ -282,3 +282,17 @@ def test_uncompressed_floats_skip_float_codecs_only_and_restore_the_setting(tmp_
         assert "Uncompressed" not in codecs("plain", "z_0")
         assert "Uncompressed" not in codecs("embedded", "id")
     assert read_frame(parse_ref("embedded", wh))["z_1"].to_numpy().tolist() == z["z_1"].tolist()
+
+
+@pytest.mark.parametrize("dest", ["out.parquet", "out.csv", "scored"])
+def test_arrow_tables_are_written_like_frames(tmp_path, dest):
+    """The embed job hands the writers Arrow tables; they come back as the frames would."""
+    import pyarrow as pa
+
+    wh = f"duckdb:///{tmp_path}/w.duckdb"
+    ref = parse_ref(str(tmp_path / dest) if "." in dest else dest, wh)
+    parts = [_frame(5), _frame(4, 5)]
+    assert write_table(ref, [pa.Table.from_pandas(p) for p in parts], {"run_id": "r1"}) == 9
+    back = read_frame(ref)
+    assert back["id"].tolist() == list(range(9)) and (back["run_id"] == "r1").all()
+    assert back["x"].tolist() == pytest.approx(pd.concat(parts)["x"].tolist())
