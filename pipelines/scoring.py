@@ -337,6 +337,7 @@ def run_job(
     cfg = settings.score
     bundle.vae.to(scoring_device(cfg.device))
     threads = duckdb_threads(bundle.vae)
+    compress_floats = job != "embed"  # embeddings: no float codec shrinks them
     start = time.perf_counter()
     if job == "sample":
         samples = _progress(_samples(bundle, settings), job, cfg.sample_rows, cfg.progress_bar)
@@ -350,13 +351,8 @@ def run_job(
             # read ahead in one thread, score in `concurrent_chunks` threads, write in this one
             frames = prefetch(iter_frames(src, cfg.chunk_size, threads=threads))
             chunks = _scored(bundle, job, frames, settings)
-            rows = write_table(
-                dst,
-                _progress(chunks, job, total, cfg.progress_bar),
-                tags,
-                threads=threads,
-                compress_floats=job != "embed",  # embeddings: no float codec shrinks them
-            )
+            scored = _progress(chunks, job, total, cfg.progress_bar)
+            rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
             if rows == 0:
                 raise DataError(f"{src} has no rows to score")
         else:
@@ -366,7 +362,7 @@ def run_job(
                 parts = plan_partitions(total, settings, Path(scratch))
                 run_partitions(parts)
                 scored = _progress(_read_parts(parts), job, total, cfg.progress_bar)
-                rows = write_table(dst, scored, tags, threads=threads, compress_floats=job != "embed")
+                rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
     seconds = time.perf_counter() - start
     result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
     log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)
