@@ -1,17 +1,27 @@
-"""The `vaeflow` command (see README: the contract users and scripts rely on)."""
+"""The `vaeflow` command (see README: the contract users and scripts rely on).
+
+What the terminal shows on failure: an expected error (`VaeflowError`) is one `error: ...`
+line and exit code 2; an unexpected one is one line naming the file its full traceback was
+written to, and exit code 1; an interrupt is exit 130 (SIGINT) or 143 (SIGTERM). `--debug`
+(anywhere on the line) or `VAEFLOW_DEBUG=1` also prints the traceback and Prefect's own.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import signal
 import sys
+import time
+import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from pipelines.errors import VaeflowError
+from pipelines.secrets import redact
 
 app = typer.Typer(
     name="vaeflow",
@@ -44,17 +54,19 @@ def _echo(title: str, value: object) -> None:
 
 @app.command()
 def run(params: Params = None, sets: Sets = None) -> None:
-    """The whole pipeline on the configured default: retrain, then batch_score."""
-    from pipelines.flows import batch_score, retrain
+    """The whole pipeline on the configured default: retrain, then batch_score (as Prefect flow
+    runs: on PREFECT_API_URL, or on a temporary server that stops with the command)."""
+    from pipelines import orchestration
 
     settings = _settings(params, sets)
-    out = retrain(params=params, overrides=sets)
-    uri = f"models:/{out['model_name']}@champion"
-    results = batch_score(params=params, overrides=sets, model_uri=uri, source=out["source"])
+    with orchestration.prefect_api(needed=True):
+        out = _compose("retrain", settings, params, sets)
+        uri = f"models:/{out['model_name']}@champion"
+        results = _compose("batch_score", settings, params, sets, model_uri=uri, source=out["source"])
     typer.echo("\nvaeflow run finished")
-    _echo("warehouse", settings.warehouse_url)
+    _echo("warehouse", redact(settings.warehouse.url))
     _echo("snapshot (DVC)", out["snapshot"])
-    _echo("MLflow tracking", settings.tracking_uri)
+    _echo("MLflow tracking", redact(settings.mlflow.tracking_uri))
     _echo("MLflow run", out["run_id"])
     _echo("registered model", f"{out['model_name']} v{out['version']}")
     _echo(
@@ -68,7 +80,7 @@ def run(params: Params = None, sets: Sets = None) -> None:
             f"score {r['job']}",
             f"{r['rows']} rows -> {r['destination']} ({r['rows'] / max(r['seconds'], 1e-9):.0f} rows/s)",
         )
-    typer.echo(f"\nbrowse runs: mlflow ui --backend-store-uri {settings.tracking_uri}")
+    typer.echo(f"\nbrowse runs: mlflow ui --backend-store-uri {redact(settings.tracking_uri)}")
 
 
 @app.command()
@@ -81,7 +93,6 @@ def validate(
 ) -> None:
     """Validate a source against its Great Expectations suite (gx/expectations/NAME.json)."""
     from pipelines import ingest, validation
-    from pipelines.warehouse import parse_ref
     from vae_models.schema import SchemaError
 
     settings = _settings(params, sets)
@@ -92,7 +103,7 @@ def validate(
         from pipelines.errors import DataError
 
         raise DataError(f"{ref}: {exc}") from exc
-    name = parse_ref(source, settings.warehouse_url).name
+    name = ingest.source_name(settings, ref)
     report = validation.validate_frame(df, schema, settings, name, rebuild=rebuild)
     typer.echo(report.text())
 
@@ -108,10 +119,12 @@ def train(
     sets: Sets = None,
 ) -> None:
     """Ingest, validate, train, evaluate, register a new version and apply the promotion rule."""
-    from pipelines.flows import retrain
+    from pipelines.names import model_name
 
-    _settings(params, sets)
-    out = retrain(params=params, overrides=sets, source=source, key=key, model_name=name)
+    settings = _settings(params, sets)
+    if name is not None:
+        model_name(name)  # refused before anything is read or written
+    out = _compose("retrain", settings, params, sets, source=source, key=key, model_name=name)
     typer.echo(f"registered {out['model_name']} version {out['version']} (run {out['run_id']})")
     decision = out["promotion"]
     typer.echo(("promoted to champion: " if decision["promoted"] else "not promoted: ") + decision["reason"])
@@ -127,18 +140,21 @@ def promote(
 ) -> None:
     """Apply the promotion gate to a version (default: the latest)."""
     from pipelines import registry
+    from pipelines.names import model_name, slug
 
     settings = _settings(params, sets)
+    model_name(name)
     client = registry.get_client(settings)
     if version is None:
-        registry.resolve(client, f"models:/{name}/1")  # clear error for an unknown model
-        version = str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+        version = registry.latest_version(client, name)
     registry.resolve(client, f"models:/{name}/{version}")  # clear error for an unknown version
     snapshot = client.get_model_version(name, version).tags.get("vaeflow.snapshot")
-    snap_path = settings.path(settings.snapshot.dir) / snapshot if snapshot else None
+    snap_path = (
+        settings.path(settings.snapshot.dir) / snapshot if snapshot and snapshot == slug(snapshot) else None
+    )
     score = None
     if snap_path is not None and snap_path.is_dir():  # re-score both on the challenger's eval split
-        from pipelines.flows import rescorer
+        from pipelines.stages import rescorer
 
         score = rescorer(settings, str(snap_path), name)
     decision = registry.promote(client, name, version, settings, score)
@@ -155,8 +171,10 @@ def rollback(
 ) -> None:
     """Move the champion alias back to the previous champion."""
     from pipelines import registry
+    from pipelines.names import model_name
 
     settings = _settings(params, sets)
+    model_name(name)
     old, new = registry.rollback(registry.get_client(settings), name, settings)
     typer.echo(f"{name}: champion moved from v{old} back to v{new}")
 
@@ -174,16 +192,18 @@ def score(
 ) -> None:
     """Run one batch job with a registered model and write the output atomically."""
     from pipelines.config import JOBS
-    from pipelines.flows import batch_score
 
     if job not in JOBS:
         raise VaeflowError(f"unknown job {job!r}: use one of {', '.join(JOBS)}")
     if job != "sample" and source is None:
         raise VaeflowError(f"job {job!r} needs --source")
     settings = _settings(params, sets)
-    results = batch_score(
-        params=params,
-        overrides=sets,
+    results = _compose(
+        "batch_score",
+        settings,
+        params,
+        sets,
+        needs_api=settings.score.dask.enabled and job != "sample",  # Dask runs as Prefect tasks
         model_uri=model,
         source=source or settings.data.source,
         jobs=[job],
@@ -202,8 +222,10 @@ def serve(params: Params = None, sets: Sets = None) -> None:
         )
     from prefect import serve as prefect_serve
 
+    from pipelines import orchestration
     from pipelines.flows import batch_score, monitor, retrain
 
+    orchestration.quiet_console(debug=_DEBUG)
     settings = _settings(params, sets)
     parameters = {"params": str(Path(params).resolve()) if params else None, "overrides": sets}
     prefect_serve(
@@ -224,93 +246,154 @@ def stage_ingest(params: Params = None, sets: Sets = None) -> None:
     typer.echo(f"snapshot {snap.path}: {snap.manifest['rows']}")
 
 
+def _configured_snapshot(settings):
+    from pipelines import ingest
+    from pipelines.warehouse import parse_ref
+
+    return ingest.Snapshot(
+        ingest.snapshot_path(settings, parse_ref(settings.data.source, settings.warehouse_url))
+    )
+
+
 @stage_app.command("validate")
 def stage_validate(params: Params = None, sets: Sets = None) -> None:
     """Validate the configured source's snapshot; writes reports/NAME/validation.json."""
     import pandas as pd
 
-    from pipelines import ingest, validation
-    from pipelines.warehouse import parse_ref
+    from pipelines import atomic, ingest, validation
 
     settings = _settings(params, sets)
-    snap = ingest.Snapshot(
-        settings.path(settings.snapshot.dir) / parse_ref(settings.data.source, settings.warehouse_url).name
-    )
+    snap = _configured_snapshot(settings)
     df = pd.concat([snap.read(s) for s in ingest.SPLITS], ignore_index=True)
     report = validation.validate_frame(df, snap.schema, settings, snap.name)
-    out = settings.path("reports") / snap.name / "validation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic.write_text(
+        settings.path("reports") / snap.name / "validation.json",
+        json.dumps(report.to_dict(), indent=2) + "\n",
+    )
     typer.echo(report.text())
 
 
 @stage_app.command("train")
 def stage_train(params: Params = None, sets: Sets = None) -> None:
     """Train, evaluate, register and promote from the configured source's snapshot."""
-    from pipelines import flows, ingest, registry, tracking, validation
+    from pipelines import stages, validation
 
     settings = _settings(params, sets)
-    from pipelines.warehouse import parse_ref
-
-    snap = ingest.Snapshot(
-        settings.path(settings.snapshot.dir) / parse_ref(settings.data.source, settings.warehouse_url).name
-    )
+    snap = _configured_snapshot(settings)
     report_path = settings.path("reports") / snap.name / "validation.json"
     data = json.loads(report_path.read_text())
     report = validation.ValidationReport(data["suite"], data["data"], data["success"], [])
-    trained = tracking.train_and_register(snap, settings, settings.mlflow.model_name, report)
-    score = flows.rescorer(settings, str(snap.path), trained.name)
-    decision = registry.promote(registry.get_client(settings), trained.name, trained.version, settings, score)
+    trained = stages.direct(stages.train, settings, str(snap.path), settings.mlflow.model_name, report)
+    decision = stages.direct(stages.promote, settings, trained.name, trained.version, str(snap.path))
     typer.echo(f"registered {trained.name} v{trained.version}; {decision.reason}")
 
 
 @stage_app.command("score")
 def stage_score(params: Params = None, sets: Sets = None) -> None:
     """Run every configured batch job with the champion; writes reports/NAME/score.json."""
-    from pipelines import registry, scoring
-    from pipelines.flows import _load_bundle
-    from pipelines.warehouse import parse_ref
+    from pipelines import atomic
 
     settings = _settings(params, sets)
-    client = registry.get_client(settings)
-    resolved = registry.resolve(client, f"models:/{settings.mlflow.model_name}@{registry.CHAMPION}")
-    bundle = _load_bundle(settings, resolved.uri)
-    name = parse_ref(settings.data.source, settings.warehouse_url).name
-    summary = []
-    for job in settings.score.jobs:
-        dest = settings.score.dest_template.format(source=name, job=job)
-        r = scoring.run_job(
-            bundle,
-            job,
-            settings.data.source,
-            dest,
-            settings,
-            model_version=resolved.version,
-            run_id=resolved.run_id,
-        )
-        summary.append(
-            {"job": job, "rows": r.rows, "destination": r.destination, "model_version": r.model_version}
-        )
-    out = settings.path("reports") / name / "score.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    results = _compose("batch_score", settings, params, sets, needs_api=settings.score.dask.enabled)
+    summary = [{k: r[k] for k in ("job", "rows", "destination", "model_version")} for r in results]
+    name = _configured_snapshot(settings).name
+    atomic.write_text(settings.path("reports") / name / "score.json", json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary, indent=2))
 
 
+def _compose(name: str, settings, params: str | None, sets: list[str] | None, needs_api: bool = False, **kw):
+    """Run the composition `name` (retrain, batch_score): as the Prefect flow when a server is
+    configured (or `needs_api` starts a temporary one for this command), else in-process
+    (`stages.py`, the same stages and retries, no server)."""
+    from pipelines import orchestration
+
+    with orchestration.prefect_api(needs_api) as on_prefect:
+        if on_prefect:
+            from pipelines import flows
+
+            orchestration.quiet_console(debug=_DEBUG)
+            return getattr(flows, name)(params=params, overrides=sets, **kw)
+        from pipelines import stages
+
+        return getattr(stages, name)(settings, **kw)
+
+
+_DEBUG = False
+# bounded waits on an MLflow tracking server that stops answering (MLflow's defaults retry for
+# minutes), no download progress bars, and no Prefect server started behind the command's back
+_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # stages run outside flows
+}
+
+
+def _traceback_file(exc: BaseException) -> Path | None:
+    """Write the (redacted) traceback of an unexpected error where the user can find it."""
+    folder = Path(os.environ.get("VAEFLOW_LOG_DIR") or Path.home() / ".cache" / "vaeflow" / "errors")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        text = "".join(traceback.format_exception(exc))
+        path.write_text(f"vaeflow {' '.join(sys.argv[1:])}\n\n{redact(text)}")
+        return path
+    except OSError:
+        return None
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
-    """Entry point: one clear error line and exit code 2 for every `VaeflowError`."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # stages run outside flows
+    """Entry point: one `error:` line for every failure, exit 2 for expected ones."""
+    import click
+
+    global _DEBUG
+    args = sys.argv[1:]
+    _DEBUG = "--debug" in args or os.environ.get("VAEFLOW_DEBUG", "") not in ("", "0", "false")
+    args = [a for a in args if a != "--debug"]
+    for name, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _terminate)  # so runs end KILLED and temp files go
+    code = 0
     try:
-        app()
-    except VaeflowError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        app(args=args, prog_name="vaeflow", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    except SystemExit as exc:  # SIGTERM
+        if exc.code == 128 + signal.SIGTERM:
+            typer.echo("error: terminated (SIGTERM)", err=True)
+        code = exc.code if isinstance(exc.code, int) else 1
+    except (VaeflowError, FileNotFoundError) as exc:
+        if _DEBUG:
+            traceback.print_exception(exc)
+        typer.echo(f"error: {redact(exc)}", err=True)
+        code = 2
+    except Exception as exc:
+        if _DEBUG:
+            traceback.print_exception(exc)
+        where = _traceback_file(exc)
+        first = (redact(exc).strip().splitlines() or [""])[0][:300]
+        shown = f"full traceback in {where}" if where else "run again with --debug for the traceback"
+        typer.echo(f"error: unexpected {type(exc).__name__}: {first} ({shown})", err=True)
+        code = 1
+    sys.stdout.flush()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

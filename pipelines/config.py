@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipelines import secrets
 from pipelines.errors import ConfigError
+from pipelines.names import MODEL_NAME, MODEL_NAME_RULE
 from vae_models.config import VAEConfig
 
 DEFAULT_PARAMS = "params.yaml"
@@ -96,7 +98,7 @@ class MLflowConfig(_Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLFLOW_TRACKING_URI overrides it")
     artifact_location: str = "mlartifacts"
     experiment: str = "vaeflow"
-    model_name: str = "flights_vae"
+    model_name: str = Field("flights_vae", pattern=MODEL_NAME.pattern, description=MODEL_NAME_RULE)
 
 
 class PromotionConfig(_Section):
@@ -105,6 +107,7 @@ class PromotionConfig(_Section):
     lock_url: str | None = Field(
         None, description="PostgreSQL URL for the promotion lock when MLflow is a tracking server"
     )
+    lock_timeout_s: float = Field(300.0, gt=0, description="longest wait for another promotion of the model")
 
 
 class DaskConfig(_Section):
@@ -192,17 +195,24 @@ class Settings(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        uri = self.mlflow.tracking_uri
+        """The MLflow tracking URI, a credential reference resolved (see `secrets.resolve`)."""
+        uri = secrets.resolve(self.mlflow.tracking_uri, "mlflow.tracking_uri")
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             return f"sqlite:///{self.path(uri.removeprefix('sqlite:///'))}"
         return uri
 
     @property
     def warehouse_url(self) -> str:
-        url = self.warehouse.url
+        """The warehouse URL, a credential reference resolved (see `secrets.resolve`)."""
+        url = secrets.resolve(self.warehouse.url, "warehouse.url")
         if url.startswith("duckdb:///") and not url.startswith("duckdb:////"):
             return f"duckdb:///{self.path(url.removeprefix('duckdb:///'))}"
         return url
+
+    @property
+    def lock_url(self) -> str | None:
+        """The promotion lock's PostgreSQL URL, a credential reference resolved."""
+        return secrets.resolve(self.promotion.lock_url, "promotion.lock_url")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -9,17 +9,16 @@ the evaluation set is frozen.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipelines import atomic
 from pipelines.config import Settings
 from pipelines.errors import DataError
+from pipelines.names import snapshot_name
 from pipelines.warehouse import TableRef, parse_ref, read_frame, table_exists, write_table
 from vae_models.schema import SchemaError, TableSchema, infer_schema
 
@@ -76,7 +75,24 @@ def load_source(settings: Settings, source: str, key: str | None) -> tuple[Table
             raise DataError(f"key column '{key}' is not in {ref} (columns: {', '.join(df.columns)})")
         if df[key].isna().any():
             raise DataError(f"key column '{key}' in {ref} has nulls; a key must identify every row")
+        duplicated = df[key].duplicated()
+        if duplicated.any():
+            raise DataError(
+                f"key column '{key}' in {ref} has {int(duplicated.sum())} duplicate value(s) (first: "
+                f"{df.loc[duplicated, key].iloc[0]!r}); a key must identify every row: de-duplicate "
+                f"the table or choose another --key"
+            )
     return ref, df
+
+
+def snapshot_path(settings: Settings, ref: TableRef) -> Path:
+    """Where the snapshot of `ref` lives: keyed by the source's identity (see `names.snapshot_name`)."""
+    return settings.path(settings.snapshot.dir) / source_name(settings, ref)
+
+
+def source_name(settings: Settings, ref: TableRef) -> str:
+    """The name of a source's snapshot and GX suite."""
+    return snapshot_name(ref, settings.data.source, settings.warehouse_url)
 
 
 def split_labels(df: pd.DataFrame, key: str | None, val: float, eval_: float, seed: int) -> np.ndarray:
@@ -104,29 +120,19 @@ def take_snapshot(settings: Settings, source: str, key: str | None) -> Snapshot:
             schema.encode(part)  # fails now, naming the column, rather than in training
     except SchemaError as exc:
         raise DataError(f"{ref}: {exc}") from exc
-    target = settings.path(settings.snapshot.dir) / ref.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ref.name}.", dir=target.parent))
-    try:
+    target = snapshot_path(settings, ref)
+    with atomic.atomic_dir(target) as tmp:
         for split, part in parts.items():
             part.to_parquet(tmp / f"{split}.parquet", index=False)
         (tmp / "schema.json").write_text(json.dumps(schema.to_dict(), indent=2, default=str))
         manifest = {
             "source": str(ref),
-            "name": ref.name,
+            "name": target.name,
             "key": key,
             "rows": {s: len(p) for s, p in parts.items()},
             "columns": list(df.columns),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        old = target.with_name(f".{ref.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return Snapshot(target)
 
 

@@ -1,16 +1,24 @@
-"""The MLflow model registry: aliases and tags (no stages).
+"""The MLflow model registry: aliases and tags (no stages), and the one place that loads a
+registered model.
 
 `champion` is the version batch jobs score with; a new version gets `challenger` and takes
 `champion` only through the promotion gate. Every decision is recorded as tags on the version,
 and the champion history (a registered-model tag) makes `rollback` possible.
+
+Every version records the sha256 of each of its artifact files (`vaeflow.artifact_sha256`, a
+registry tag, not a file in the artifact store). `load_bundle` downloads the version, checks
+every file against that record and that no path leaves the model folder, and only then reads
+the weights (`torch.load(weights_only=True)`); no code from the artifact store is run.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
 import logging
+import os
 import re
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,41 +28,41 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipelines import atomic
 from pipelines.config import Settings
-from pipelines.errors import RegistryError
+from pipelines.errors import RegistryError, TransientError
+from pipelines.names import model_name
+from pipelines.secrets import redact
+from vae_models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 HISTORY_TAG = "vaeflow.champion_history"
+ARTIFACTS_TAG = "vaeflow.artifact_sha256"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
-
-
-def _hide_credentials(url: str) -> str:
-    """A server URL with any user:password@ or token@ part replaced by ***@."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, with the address, when an MLflow tracking server does not answer (instead of
-    MLflow's minutes of silent HTTP retries)."""
+    MLflow's minutes of silent HTTP retries): a `TransientError`, which tasks retry."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
     import urllib.request
 
-    shown = _hide_credentials(uri)
+    shown = redact(uri)
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
             if resp.status != 200:
-                raise RegistryError(
+                raise TransientError(
                     f"MLflow tracking server {shown} answered /health with HTTP {resp.status}"
                 )
     except (urllib.error.URLError, OSError) as exc:
-        raise RegistryError(
-            f"MLflow tracking server {shown} is unreachable ({getattr(exc, 'reason', exc)}); start it, or "
-            f"point MLFLOW_TRACKING_URI at a running server"
+        raise TransientError(
+            f"MLflow tracking server {shown} is unreachable ({redact(getattr(exc, 'reason', exc))}); "
+            f"start it, or point MLFLOW_TRACKING_URI at a running server"
         ) from exc
 
 
@@ -77,7 +85,7 @@ def resolve(client: MlflowClient, uri: str) -> ResolvedModel:
     m = _URI.match(uri.strip())
     if not m:
         raise RegistryError(f"model URI {uri!r} is malformed: use models:/NAME@champion or models:/NAME/3")
-    name = m["name"]
+    name = model_name(m["name"])
     try:
         client.get_registered_model(name)
     except MlflowException as exc:
@@ -94,6 +102,127 @@ def resolve(client: MlflowClient, uri: str) -> ResolvedModel:
         what = f"alias @{m['alias']}" if m["alias"] else f"version {m['version']}"
         raise RegistryError(f"model {name!r} has no {what}") from exc
     return ResolvedModel(name, str(mv.version), mv.run_id, f"models:/{name}/{mv.version}")
+
+
+def latest_version(client: MlflowClient, name: str) -> str:
+    """The highest version number of a registered model (a clear error when there is none)."""
+    resolve(client, f"models:/{model_name(name)}/1")  # an unknown model is named as such
+    return str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+
+
+# ---------------------------------------------------------------- artifact integrity
+
+
+def artifact_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, keyed by its relative POSIX path. A symbolic link
+    is refused: a model folder holds plain files only."""
+    digests: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            raise RegistryError(f"model artifact {rel} is a symbolic link; a model holds plain files only")
+        if path.is_file():
+            h = hashlib.sha256()
+            with path.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            digests[rel] = h.hexdigest()
+    return digests
+
+
+def _download(settings: Settings, uri: str, dst: Path) -> Path:
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except MlflowException as exc:
+        raise RegistryError(f"cannot download {uri}: {redact(exc.message)}") from exc
+    except OSError as exc:  # requests' connection errors are OSErrors
+        raise TransientError(f"cannot download {uri}: {redact(exc)}") from exc
+
+
+def record_artifacts(client: MlflowClient, settings: Settings, name: str, version: str) -> dict[str, str]:
+    """Hash every artifact file of a registered version (as a loader downloads it) and keep the
+    digests as the version's `vaeflow.artifact_sha256` tag."""
+    with tempfile.TemporaryDirectory(prefix="vaeflow-record-") as tmp:
+        digests = artifact_digests(_download(settings, f"models:/{name}/{version}", Path(tmp)))
+    client.set_model_version_tag(name, version, ARTIFACTS_TAG, json.dumps(digests, sort_keys=True))
+    return digests
+
+
+def verify_artifacts(folder: Path, expected: dict[str, str], what: str) -> None:
+    """Every file as recorded, none missing, none added; raises `RegistryError` naming the first
+    that differs."""
+    found = artifact_digests(folder)
+    for rel in sorted(set(expected) | set(found)):
+        if rel not in found:
+            problem = "is missing"
+        elif rel not in expected:
+            problem = "was added after registration"
+        elif found[rel] != expected[rel]:
+            problem = "was altered after registration (its sha256 differs from the one recorded)"
+        else:
+            continue
+        raise RegistryError(
+            f"{what}: artifact {rel} {problem}; refusing to load it. Re-register the model from a "
+            f"trusted training run, or restore the artifact store"
+        )
+
+
+def _inside(folder: Path, relative: str, what: str) -> Path:
+    """`folder / relative`, refused when it resolves outside `folder`."""
+    path = (folder / relative).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise RegistryError(
+            f"{what}: MLmodel names {relative!r}, outside the model folder; refusing to load it"
+        )
+    return path
+
+
+def bundle_folder(model_dir: Path, what: str) -> Path:
+    """The weights/schema folder of a downloaded model, from its MLmodel (checked to stay inside)."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+        pyfunc = meta["flavors"]["python_function"]
+        bundle = pyfunc["artifacts"]["bundle"]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise RegistryError(f"{what} is not a vaeflow model (its MLmodel has no bundle artifact)") from exc
+    for key in ("python_model", "code"):
+        if isinstance(pyfunc.get(key), str):
+            _inside(model_dir, pyfunc[key], what)
+    for artifact in pyfunc.get("artifacts", {}).values():
+        _inside(model_dir, str(artifact.get("path", "")), what)
+    return _inside(model_dir, bundle, what)
+
+
+def load_bundle(settings: Settings, uri: str) -> tuple[ModelBundle, ResolvedModel]:
+    """The one way vaeflow loads a registered model: resolve the alias or version, download its
+    artifacts, verify each file's sha256 against the version's record and every path in its
+    MLmodel, then read the weights. Nothing from the artifact store is executed."""
+    from vae_models.bundle import load_bundle as read_bundle
+
+    client = get_client(settings)
+    resolved = resolve(client, uri)
+    what = f"model {resolved.name} version {resolved.version}"
+    record = client.get_model_version(resolved.name, resolved.version).tags.get(ARTIFACTS_TAG)
+    if not record:
+        raise RegistryError(
+            f"{what} has no recorded artifact checksums ({ARTIFACTS_TAG}): it was not registered by this "
+            f"version of vaeflow. Retrain it (vaeflow train) to register a verifiable version"
+        )
+    with tempfile.TemporaryDirectory(prefix="vaeflow-model-") as tmp:
+        local = _download(settings, resolved.uri, Path(tmp))
+        verify_artifacts(local, json.loads(record), what)
+        folder = bundle_folder(local, what)
+        try:
+            bundle = read_bundle(folder)
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+            raise RegistryError(f"{what}: cannot read its weights: {exc}") from exc
+    return bundle, resolved
 
 
 def _history(client: MlflowClient, name: str) -> list[str]:
@@ -134,40 +263,40 @@ def promotion_lock(settings: Settings, name: str) -> Iterator[None]:
     cannot interleave their read-compare-move of the aliases and the champion history.
 
     PostgreSQL (the backend store, or `promotion.lock_url` in front of a tracking server): a
-    session advisory lock; a local SQLite / file store: an exclusive file lock beside it.
+    session advisory lock; a local SQLite / file store: a lock file of this machine. Connecting
+    takes at most 10 s and waiting for the lock `promotion.lock_timeout_s`; either failure is a
+    `TransientError`.
     """
-    url = settings.promotion.lock_url or settings.tracking_uri
+    url = settings.lock_url or settings.tracking_uri
+    timeout = settings.promotion.lock_timeout_s
     if url.startswith(("postgresql", "postgres://")):
         import psycopg
 
+        from pipelines.warehouse import advisory_lock
+
         dsn = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        try:
+            conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise TransientError(
+                f"cannot connect to the promotion lock at {redact(dsn)}: {redact(exc)}"
+            ) from exc
+        with conn:
             key = zlib.crc32(f"vaeflow.promote.{name}".encode())
-            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-            try:
+            with advisory_lock(conn, key, f"promotions of {name}", timeout):
                 yield
-            finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
         return
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///")).with_suffix(".promote.lock")
-    elif url.startswith(("http://", "https://", "databricks")):
+    if url.startswith(("http://", "https://", "databricks")):
         log.warning(
             "no promotion lock for tracking server %s: set promotion.lock_url to its PostgreSQL "
             "store, or run one retrain at a time",
-            _hide_credentials(url),
+            redact(url),
         )
         yield
         return
-    else:
-        path = Path(url.removeprefix("file://")) / ".promote.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    store = url.removeprefix("sqlite:///").removeprefix("file://")
+    with atomic.named_lock(f"promote:{os.path.realpath(store)}:{name}", f"promotions of {name}", timeout):
+        yield
 
 
 def promote(
@@ -193,7 +322,8 @@ def promote(
             current = client.get_model_version_by_alias(name, CHAMPION)
         except MlflowException:
             current = None
-        validation = client.get_model_version(name, version).tags.get("validation", "passed")
+        # a version without a recorded validation result has not passed it
+        validation = client.get_model_version(name, version).tags.get("validation", "not recorded")
         if current is not None and str(current.version) == version:
             decision = PromotionDecision(name, version, True, "already champion", metric, None, None, version)
         elif validation != "passed":

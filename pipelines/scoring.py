@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pipelines.config import JOBS, Settings
 from pipelines.errors import DataError, VaeflowError
-from pipelines.warehouse import count_rows, iter_frames, parse_ref, write_table
+from pipelines.warehouse import columns, count_rows, iter_frames, parse_ref, same_table, write_table
 from vae_models import inference
 from vae_models.bundle import ModelBundle
 from vae_models.schema import EncodedTable, SchemaError
@@ -64,6 +64,7 @@ def score_frame(
     if job == "sample":
         num, cat = inference.sample(vae, rows, seed=seed)
         return schema.decode(num, cat)
+    _require_columns(bundle, df)
     if job == "embed":
         return pd.concat([_keyed(bundle, df), pd.DataFrame(_codes(bundle, df))], axis=1)
     table = _encoded(bundle, df)
@@ -71,6 +72,7 @@ def score_frame(
     gen = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)
     if job == "anomaly":
         scores = inference.anomaly_scores(vae, table, k=k, generator=gen).score
+        _finite(bundle, df, scores)
         out = _keyed(bundle, df)
         out["anomaly_score"] = scores.astype("float64")
         threshold = bundle.extra.get("anomaly_threshold")
@@ -82,6 +84,28 @@ def score_frame(
     for name in schema.names:
         out[name] = _fill(out[name], decoded[name])
     return out
+
+
+def _require_columns(bundle: ModelBundle, df: pd.DataFrame) -> None:
+    """The key column (when the model has one) and every modelled column must be in the input:
+    an output without its key cannot be joined back to the rows it scores."""
+    try:
+        bundle.schema.check_columns(df, need_key=True)
+    except SchemaError as exc:
+        raise DataError(str(exc)) from exc
+
+
+def _finite(bundle: ModelBundle, df: pd.DataFrame, scores: np.ndarray) -> None:
+    """Refuse to write a score that is not a number (it would read as `is_anomaly=False`)."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        key = bundle.schema.key
+        row = f"{key}={df[key].iloc[i]!r}" if key else f"row {i}"
+        raise DataError(
+            f"{int(bad.sum())} row(s) got a non-finite anomaly score (first: {row}); their values are "
+            f"beyond what the model can represent: check those rows for sentinel or overflowed values"
+        )
 
 
 def _encoded(bundle: ModelBundle, df: pd.DataFrame) -> EncodedTable:
@@ -102,6 +126,7 @@ def embed_arrow(bundle: ModelBundle, df: pd.DataFrame) -> pa.Table:
     the codes), for the batch path: the writers take it as it is. Encoding, building and
     inserting a 50k-row chunk into DuckDB took 13.0 core-ms this way against 15.2 through a
     DataFrame (measured; the network's ~70 core-ms aside)."""
+    _require_columns(bundle, df)
     key = bundle.schema.key
     columns = {key: pa.Array.from_pandas(df[key])} if key and key in df.columns else {}
     return pa.table({**columns, **{name: pa.array(z) for name, z in _codes(bundle, df).items()}})
@@ -311,6 +336,25 @@ def _read_parts(parts: list[Partition]) -> Iterator[pd.DataFrame]:
 PartitionRunner = Callable[[list[Partition]], None]
 
 
+def _check_source(bundle: ModelBundle, src) -> None:
+    """Before anything is written: the source has the model's key and modelled columns."""
+    try:
+        bundle.schema.check_columns(pd.DataFrame(columns=columns(src)), need_key=True)
+    except SchemaError as exc:
+        raise DataError(f"{src}: {exc}") from exc
+
+
+def _not_empty(frames: Iterator[pd.DataFrame], src) -> Iterator[pd.DataFrame]:
+    """The frames; a stream that ends without a row is an error (raised before any swap)."""
+    rows = 0
+    for frame in frames:
+        if len(frame):
+            rows += len(frame)
+            yield frame
+    if rows == 0:
+        raise DataError(f"{src} has no rows to score")
+
+
 def run_job(
     bundle: ModelBundle,
     job: str,
@@ -331,8 +375,10 @@ def run_job(
         raise VaeflowError(f"job {job!r} needs --source")
     src = parse_ref(source, settings.warehouse_url) if source and job != "sample" else None
     dst = parse_ref(dest, settings.warehouse_url)
-    if src is not None and src == dst:
-        raise VaeflowError(f"destination {dst} is the source table; choose another --dest")
+    if src is not None and same_table(src, dst):
+        raise VaeflowError(
+            f"destination {dst} is the source table {src} under another name; choose another --dest"
+        )
     tags = {"model_version": str(model_version), "run_id": run_id}
     cfg = settings.score
     bundle.vae.to(scoring_device(cfg.device))
@@ -343,18 +389,17 @@ def run_job(
         samples = _progress(_samples(bundle, settings), job, cfg.sample_rows, cfg.progress_bar)
         rows = write_table(dst, samples, tags, threads=threads)
     else:
+        _check_source(bundle, src)
         # a CSV is counted only when it must be cut into partitions (counting is a full pass)
         total = count_rows(src) if run_partitions is not None or src.kind != "csv" else None
         if total == 0:
             raise DataError(f"{src} has no rows to score")
         if run_partitions is None:
             # read ahead in one thread, score in `concurrent_chunks` threads, write in this one
-            frames = prefetch(iter_frames(src, cfg.chunk_size, threads=threads))
+            frames = _not_empty(prefetch(iter_frames(src, cfg.chunk_size, threads=threads)), src)
             chunks = _scored(bundle, job, frames, settings)
             scored = _progress(chunks, job, total, cfg.progress_bar)
             rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
-            if rows == 0:
-                raise DataError(f"{src} has no rows to score")
         else:
             scratch_root = settings.path(cfg.dask.scratch_dir)
             scratch_root.mkdir(parents=True, exist_ok=True)

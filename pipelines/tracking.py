@@ -3,11 +3,14 @@ plots, and the pyfunc model registered as a new version of a named model."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata as md
 import json
 import logging
+import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,24 +23,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from pipelines import training
+from pipelines import names, registry, training
 from pipelines.config import Settings
-from pipelines.errors import RegistryError
+from pipelines.errors import TransientError
 from pipelines.ingest import Snapshot
-from pipelines.registry import check_reachable
 from pipelines.scoring import DEFAULT_PARAMS, score_frame
+from pipelines.secrets import redact
 from pipelines.validation import ValidationReport
-from pipelines.warehouse import redact_url
 from vae_models.bundle import ModelBundle, save_bundle
 
 log = logging.getLogger(__name__)
 CODE_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
-
-
-def redact(value: Any) -> Any:
-    """Hide passwords in database URLs before anything reaches MLflow or a log."""
-    return redact_url(value) if isinstance(value, str) else value
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -46,7 +43,8 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict) and v:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = redact(json.dumps(v) if isinstance(v, list | dict) else v)
+            value = json.dumps(v) if isinstance(v, list | dict) else v
+            out[f"{prefix}{k}"] = redact(value) if isinstance(value, str) else value
     return out
 
 
@@ -58,7 +56,7 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
     """Point MLflow at the configured store and get or create the experiment (default: the
     configured one); returns its id."""
     uri = settings.tracking_uri
-    check_reachable(uri)
+    registry.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = name or settings.mlflow.experiment
@@ -72,7 +70,9 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
         except MlflowException:  # created by a concurrent run
             return mlflow.get_experiment_by_name(name).experiment_id
     except MlflowException as exc:
-        raise RegistryError(f"cannot reach the MLflow tracking store {redact(uri)}: {exc.message}") from exc
+        raise TransientError(
+            f"cannot reach the MLflow tracking store {redact(uri)}: {redact(exc.message)}"
+        ) from exc
 
 
 def snapshot_md5(path: Path) -> str:
@@ -160,25 +160,50 @@ def train_and_register(
     report: ValidationReport,
     tags: dict[str, str] | None = None,
 ) -> TrainedVersion:
-    """Fit, evaluate and log one training run, then register it as a new model version."""
+    """Fit, evaluate and log one training run, then register it as a new model version.
+
+    The run ends FINISHED, FAILED (an error; a tracking server that stops answering is a
+    `TransientError`) or KILLED (interrupted or terminated); a run whose process was killed
+    outright is ended KILLED by the next training on the same host (`reap_orphaned_runs`)."""
+    model_name = names.model_name(model_name)
     ensure_experiment(settings)
-    train_df, val_df, eval_df = training.snapshot_frames(snapshot)
-    schema = snapshot.schema
+    reap_orphaned_runs(settings)
     run_tags = {
         "vaeflow.model_name": model_name,
         "vaeflow.snapshot": snapshot.name,
         "vaeflow.source": redact(snapshot.manifest["source"]),
+        **process_tags(),
         **(tags or {}),
     }
     run_tags.update(lineage_tags(snapshot, settings))
-    logger = MLFlowLogger(
-        experiment_name=settings.mlflow.experiment,
-        tracking_uri=settings.tracking_uri,
-        run_name=f"train-{model_name}",
-        tags=run_tags,
-        artifact_location=None,
-    )
+    with tracking_errors(settings):
+        logger = MLFlowLogger(
+            experiment_name=settings.mlflow.experiment,
+            tracking_uri=settings.tracking_uri,
+            run_name=f"train-{model_name}",
+            tags=run_tags,
+            artifact_location=None,
+        )
+        run_id = logger.run_id
+    try:
+        with tracking_errors(settings):
+            return _train_in_run(snapshot, settings, model_name, report, logger, run_tags)
+    except BaseException as exc:
+        end_interrupted_run(settings, run_id, exc)
+        raise
+
+
+def _train_in_run(
+    snapshot: Snapshot,
+    settings: Settings,
+    model_name: str,
+    report: ValidationReport,
+    logger: MLFlowLogger,
+    run_tags: dict[str, str],
+) -> TrainedVersion:
     run_id = logger.run_id
+    train_df, val_df, eval_df = training.snapshot_frames(snapshot)
+    schema = snapshot.schema
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params(_flatten(settings.model_dump(mode="json", by_alias=True)))
         mlflow.log_params(
@@ -226,6 +251,9 @@ def train_and_register(
         )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    # the checksums first: a version without them is never loaded, one without `validation`
+    # never promoted
+    registry.record_artifacts(client, settings, model_name, version)
     for key, value in {
         **run_tags,
         "validation": "passed" if report.success else "failed",
@@ -235,3 +263,86 @@ def train_and_register(
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # registered: nothing left to resume
     log.info("registered %s version %s (run %s)", model_name, version, run_id)
     return TrainedVersion(model_name, version, run_id, metrics, bundle_path)
+
+
+# ---------------------------------------------------------------- runs that end
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), to tell it from a later
+    process with the same pid; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: host, pid and the pid's start time."""
+    return {
+        "vaeflow.host": socket.gethostname(),
+        "vaeflow.pid": str(os.getpid()),
+        "vaeflow.pid_start": _process_start(os.getpid()) or "",
+    }
+
+
+def reap_orphaned_runs(settings: Settings, experiment: str | None = None) -> list[str]:
+    """End KILLED every RUNNING run of this host whose process is gone (a SIGKILL, a lost
+    machine); returns their run ids. Runs of other hosts are left alone."""
+    host = socket.gethostname()
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    exp = client.get_experiment_by_name(experiment or settings.mlflow.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`vaeflow.host` = '{host.replace(chr(39), '')}'",
+        max_results=1000,
+    )
+    reaped = []
+    for run in runs:
+        tags = run.data.tags
+        pid = int(tags.get("vaeflow.pid", "0") or 0)
+        if pid and _process_start(pid) is not None and _process_start(pid) == tags.get("vaeflow.pid_start"):
+            continue  # still running
+        client.set_tag(run.info.run_id, "vaeflow.ended_by", f"process {pid} ended without closing the run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        reaped.append(run.info.run_id)
+        log.warning("run %s of process %d (gone) ended as KILLED", run.info.run_id, pid)
+    return reaped
+
+
+def end_interrupted_run(settings: Settings, run_id: str, exc: BaseException) -> None:
+    """Best effort: KILLED for an interrupt or termination, FAILED for an error (MLflow's own
+    context ends it FAILED too; a tracking server that is down cannot be told, and the next
+    training on this host ends the run instead)."""
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+    with contextlib.suppress(Exception):
+        mlflow.MlflowClient(tracking_uri=settings.tracking_uri).set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def tracking_errors(settings: Settings):
+    """A tracking store that stops answering mid-run becomes a `TransientError` naming it."""
+    try:
+        yield
+    except MlflowException as exc:
+        if _unreachable(exc):
+            raise TransientError(
+                f"the MLflow tracking store {redact(settings.tracking_uri)} stopped answering: "
+                f"{redact(exc.message).splitlines()[0][:300]}"
+            ) from exc
+        raise
+
+
+def _unreachable(exc: BaseException) -> bool:
+    text = str(exc)
+    signs = (
+        "Max retries exceeded",
+        "Connection refused",
+        "ConnectionError",
+        "timed out",
+        "database is locked",
+    )
+    return any(sign in text for sign in signs)

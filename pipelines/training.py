@@ -23,8 +23,9 @@ from pipelines.ingest import Snapshot
 from vae_models import inference
 from vae_models.bundle import ModelBundle
 from vae_models.data import table_loader
+from vae_models.module import VAEModule
 from vae_models.schema import TableSchema
-from vae_models.vae import TableBatch, VAEModule
+from vae_models.vae import TableBatch
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,14 +154,10 @@ def build_suite(reference: pd.DataFrame, schema: TableSchema, settings: Settings
 
 
 def save_suite(suite: dict, path: Path) -> Path:
-    """Write a suite JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(suite, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write a suite JSON atomically (with the umask's permissions, as a text editor would)."""
+    from pipelines import atomic
+
+    return atomic.write_text(path, json.dumps(suite, indent=2, default=str) + "\n")
 
 
 def load_suite(path: Path) -> dict:

@@ -2,17 +2,27 @@
 
 A reference is a `.parquet`/`.csv` path, a bare table name (`flights`, `main.flights`) in the
 configured warehouse, or `URL#table` (`duckdb:///path.duckdb#t`, `postgresql://host/db#s.t`).
-Table names are validated and quoted as identifiers, never pasted into SQL. Reads stream in
-Arrow record batches; writes go to a staging table or temp file and replace the target in one
-transaction or rename, so a failed job leaves the previous output intact.
+Table names are validated and quoted as identifiers, never pasted into SQL; a bare name lives
+in the engine's default schema (`main` in DuckDB, `public` in PostgreSQL).
+
+Table identity (`TableRef.identity`, `same_table`) is what counts as "the same table": a
+file's resolved real path; a DuckDB file's real path with case-insensitive names; a
+PostgreSQL server, database, schema and (quoted, case-sensitive) name.
+
+Reads stream in Arrow record batches. Writes take a per-destination lock, remove what a killed
+writer of that destination left, fill a uniquely named staging table or temp file, refuse an
+empty result, and only then replace the target in one transaction or rename: a failed job
+leaves the previous output intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
+import secrets
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -25,11 +35,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipelines.errors import SourceError
+from pipelines import atomic
+from pipelines.errors import DataError, SourceError, TransientError, disk_full
+from pipelines.secrets import redact
 
 log = logging.getLogger(__name__)
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")  # PostgreSQL keeps 63 bytes of a name
+RESERVED_PREFIX = "_vaeflow_"  # staging tables: _vaeflow_stg_<target hash>_<random>
+DEFAULT_SCHEMA = {"duckdb": "main", "postgres": "public"}
 # a streaming read and an atomic write need about one row group each; the rest of a bigger pool
 # only caches blocks a one-pass job never reads again (256MB: ~150 MB more peak RSS, no faster)
 DUCKDB_MEMORY_LIMIT = os.environ.get("VAEFLOW_DUCKDB_MEMORY_LIMIT", "128MB")
@@ -52,7 +66,7 @@ class TableRef:
 
     @property
     def name(self) -> str:
-        """A short name for suites, snapshots and output tables."""
+        """A short name for messages and default output names (not an identity)."""
         if self.table:
             return self.table[-1]
         return Path(self.location).stem
@@ -61,13 +75,39 @@ class TableRef:
     def is_file(self) -> bool:
         return self.kind in ("parquet", "csv")
 
+    @property
+    def parts(self) -> tuple[str, str]:
+        """(schema, table), the engine's default schema filled in."""
+        if len(self.table) == 2:
+            return self.table[0], self.table[1]
+        return DEFAULT_SCHEMA[self.kind], self.table[0]
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What makes two references the same table, whatever their spelling: a file's real
+        path (`sub/../t.csv`, symlinks); a DuckDB file's real path and its case-insensitive
+        names (`main.T` is `t`); a PostgreSQL server, database, schema (`public` by default)
+        and name (quoted, so case-sensitive)."""
+        if self.is_file:
+            return ("file", os.path.realpath(self.location))
+        schema, table = self.parts
+        if self.kind == "duckdb":
+            return ("duckdb", os.path.realpath(self.location), schema.casefold(), table.casefold())
+        return ("postgres", *_pg_server(self.location), schema, table)
+
+    @property
+    def digest(self) -> str:
+        """A short stable hash of the identity (staging names, snapshot keys, lock names)."""
+        return hashlib.sha256("\x1f".join(self.identity).encode()).hexdigest()
+
     def __str__(self) -> str:
         if self.is_file:
             return self.location
-        return f"{redact_url(self.location)}#{'.'.join(self.table)}"
+        return f"{redact(self.location)}#{'.'.join(self.table)}"
 
     def quoted(self) -> str:
-        return ".".join(_quote(p) for p in self.table)
+        """The schema-qualified, quoted name for SQL."""
+        return ".".join(_quote(p) for p in self.parts)
 
     def with_table(self, name: str) -> TableRef:
         """The same database, another table (in the same schema)."""
@@ -75,6 +115,60 @@ class TableRef:
         if len(parts) == 1 and len(self.table) == 2:
             parts = (self.table[0], *parts)
         return TableRef(self.kind, self.location, parts)
+
+
+def _pg_server(url: str) -> tuple[str, str, str]:
+    """(host, port, database) of a PostgreSQL URL, with libpq's defaults and the loopback
+    spellings (localhost, 127.0.0.1, ::1, a socket folder) folded into one."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(url)
+    except Exception as exc:  # psycopg.ProgrammingError: a malformed URL
+        raise SourceError(f"malformed PostgreSQL URL {redact(url)!r}: {redact(exc)}") from exc
+    host = str(info.get("host") or os.environ.get("PGHOST") or "localhost").lower()
+    if host in ("localhost", "127.0.0.1", "::1", "[::1]") or host.startswith("/"):
+        host = "localhost"
+    port = str(info.get("port") or os.environ.get("PGPORT") or "5432")
+    user = str(info.get("user") or os.environ.get("PGUSER") or _os_user())
+    database = str(info.get("dbname") or os.environ.get("PGDATABASE") or user)
+    return host, port, database
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name for this uid
+        return ""
+
+
+def same_table(a: TableRef, b: TableRef) -> bool:
+    """Whether two references name one table. Beyond equal identities, two PostgreSQL tables
+    reached through different URLs are compared on the servers (postmaster start, port,
+    database and the table's oid), so `localhost` and a host name of the same server match."""
+    if a.identity == b.identity:
+        return True
+    if a.is_file and b.is_file:
+        with contextlib.suppress(OSError):
+            return os.path.samefile(a.location, b.location)  # hard links
+        return False
+    if a.kind == b.kind == "postgres" and a.parts == b.parts:
+        fa, fb = _pg_fingerprint(a), _pg_fingerprint(b)
+        return fa is not None and fa == fb
+    return False
+
+
+def _pg_fingerprint(ref: TableRef) -> tuple | None:
+    sql = (
+        "SELECT pg_postmaster_start_time()::text, current_setting('port'), current_database(), c.oid "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s"
+    )
+    with _postgres(ref.location) as con:
+        row = con.execute(sql, ref.parts).fetchone()
+    return tuple(row) if row else None
 
 
 def _quote(name: str) -> str:
@@ -87,11 +181,6 @@ def _literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def redact_url(url: str) -> str:
-    """A database URL with its password replaced by *** (for messages, logs and MLflow)."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-
-
 def parse_identifier(name: str) -> tuple[str, ...]:
     """`table` or `schema.table` -> parts; anything else is rejected with a clear error."""
     parts = tuple(name.split("."))
@@ -99,6 +188,10 @@ def parse_identifier(name: str) -> tuple[str, ...]:
         raise SourceError(
             f"invalid table name {name!r}: use letters, digits and underscores, optionally "
             f"schema.table (at most 63 characters a part)"
+        )
+    if any(p.lower().startswith(RESERVED_PREFIX) for p in parts):
+        raise SourceError(
+            f"invalid table name {name!r}: names starting with {RESERVED_PREFIX} are vaeflow's own"
         )
     return parts
 
@@ -112,7 +205,10 @@ def parse_ref(text: str, warehouse_url: str) -> TableRef:
     if "#" in text:
         url, table = text.split("#", 1)
     elif suffix in FILE_SUFFIXES:
-        return TableRef(FILE_SUFFIXES[suffix], str(Path(text).expanduser()))
+        path = Path(text).expanduser()
+        if path.name.startswith(".") and not path.stem.strip("."):
+            raise SourceError(f"{text!r} is not a file name: give the table file a name, e.g. table{suffix}")
+        return TableRef(FILE_SUFFIXES[suffix], str(path))
     elif "/" in text or "\\" in text:
         raise SourceError(
             f"{text!r}: unsupported file type {suffix or '(no suffix)'}; use a .parquet or .csv file, "
@@ -125,9 +221,7 @@ def parse_ref(text: str, warehouse_url: str) -> TableRef:
         return TableRef("duckdb", url.removeprefix("duckdb:///"), parts)
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         return TableRef("postgres", url.replace("postgresql+psycopg://", "postgresql://"), parts)
-    raise SourceError(
-        f"unsupported warehouse URL {redact_url(url)!r}: use duckdb:///FILE or postgresql://..."
-    )
+    raise SourceError(f"unsupported warehouse URL {redact(url)!r}: use duckdb:///FILE or postgresql://...")
 
 
 # ---------------------------------------------------------------- connections
@@ -136,13 +230,23 @@ def parse_ref(text: str, warehouse_url: str) -> TableRef:
 @contextlib.contextmanager
 def _duckdb(path: str, read_only: bool = False, threads: int | None = None):
     """A DuckDB connection with a bounded buffer pool; `threads` caps DuckDB's worker threads
-    (None: DuckDB's default, one per core)."""
+    (None: DuckDB's default, one per core). A file another process holds, or one that is not a
+    DuckDB database, is a clear error naming it."""
     import duckdb
 
     if read_only and not Path(path).exists():
         raise SourceError(f"DuckDB warehouse file {path} does not exist")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(path, read_only=read_only)
+    try:
+        con = duckdb.connect(path, read_only=read_only)
+    except duckdb.Error as exc:
+        first = str(exc).splitlines()[0]
+        if "lock" in first.lower():
+            raise TransientError(
+                f"DuckDB warehouse file {path} is in use by another process ({first}); DuckDB allows "
+                f"one writing process at a time: wait for it, or use PostgreSQL for concurrent jobs"
+            ) from exc
+        raise SourceError(f"cannot open DuckDB warehouse file {path}: {first}") from exc
     key = str(Path(path).resolve())
     # DuckDB keeps written data in its buffer pool until a checkpoint; a bounded pool keeps a
     # job's memory flat however large the table it writes
@@ -164,39 +268,50 @@ def _duckdb(path: str, read_only: bool = False, threads: int | None = None):
                 _RAISED.pop(key, None)
 
 
+# what a PostgreSQL error says when retrying cannot help (credentials, a missing database)
+_PG_PERMANENT = ("authentication failed", "does not exist", "no password supplied", "permission denied")
+
+
 @contextlib.contextmanager
 def _postgres(url: str):
+    """An autocommit connection (10 s to connect). A server that does not answer, or drops the
+    connection, is a `TransientError`; refused credentials or a missing database are not."""
     import psycopg
 
     try:
         con = psycopg.connect(url, connect_timeout=10, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise SourceError(f"cannot connect to PostgreSQL at {redact_url(url)}: {exc}".strip()) from exc
+        said = redact(str(exc).strip())
+        kind = SourceError if any(p in said for p in _PG_PERMANENT) else TransientError
+        raise kind(f"cannot connect to PostgreSQL at {redact(url)}: {said}") from exc
     try:
         yield con
+    except psycopg.OperationalError as exc:
+        if con.closed or con.broken:
+            raise TransientError(
+                f"the connection to PostgreSQL at {redact(url)} was lost: {redact(str(exc).strip())}"
+            ) from exc
+        raise
     finally:
         con.close()
 
 
-def _sql_parts(ref: TableRef) -> tuple[str, str]:
-    """(schema, table) with the engine's default schema filled in."""
-    if len(ref.table) == 2:
-        return ref.table[0], ref.table[1]
-    return ("main" if ref.kind == "duckdb" else "public"), ref.table[0]
-
-
 def table_exists(ref: TableRef, read_only: bool = False) -> bool:
     """Whether the file or table exists (`read_only`: open DuckDB read-only, as concurrent
-    partition readers in other processes must)."""
+    partition readers in other processes must). DuckDB names match case-insensitively."""
     if ref.is_file:
         return Path(ref.location).is_file()
-    schema, table = _sql_parts(ref)
-    sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = %s"
+    schema, table = ref.parts
     if ref.kind == "duckdb":
         if not Path(ref.location).exists():
             return False
+        sql = (
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE lower(table_schema) = lower(?) AND lower(table_name) = lower(?)"
+        )
         with _duckdb(ref.location, read_only=read_only) as con:
-            return con.execute(sql.replace("%s", "?"), [schema, table]).fetchone()[0] > 0
+            return con.execute(sql, [schema, table]).fetchone()[0] > 0
+    sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s AND table_name = %s"
     with _postgres(ref.location) as con:
         return con.execute(sql, (schema, table)).fetchone()[0] > 0
 
@@ -237,11 +352,13 @@ def iter_frames(
     ranged = bool(offset) or limit is not None
     _require(ref, read_only=ranged)
     if ref.kind == "parquet":
-        if ranged:
-            yield from _rechunk(_parquet_range(ref.location, offset, limit), chunk_size)
-        else:
-            for batch in pq.ParquetFile(ref.location).iter_batches(batch_size=chunk_size):
-                yield batch.to_pandas(split_blocks=True)
+        pf = _parquet_file(ref.location)
+        with _parquet_errors(ref.location):
+            if ranged:
+                yield from _rechunk(_parquet_range(pf, offset, limit), chunk_size)
+            else:
+                for batch in pf.iter_batches(batch_size=chunk_size):
+                    yield batch.to_pandas(split_blocks=True)
     elif ref.kind == "csv":
         yield from _iter_csv(ref.location, chunk_size, offset, limit)
     elif ref.kind == "duckdb":
@@ -289,9 +406,8 @@ def _rechunk(frames: Iterator[pd.DataFrame], chunk_size: int) -> Iterator[pd.Dat
         yield pd.concat(buffer, ignore_index=True) if len(buffer) > 1 else buffer[0].reset_index(drop=True)
 
 
-def _parquet_range(path: str, offset: int, limit: int | None) -> Iterator[pd.DataFrame]:
+def _parquet_range(pf: pq.ParquetFile, offset: int, limit: int | None) -> Iterator[pd.DataFrame]:
     """Rows [offset, offset + limit) of a Parquet file, reading only the overlapping row groups."""
-    pf = pq.ParquetFile(path)
     stop = None if limit is None else offset + limit
     start = 0
     for g in range(pf.num_row_groups):
@@ -304,11 +420,79 @@ def _parquet_range(path: str, offset: int, limit: int | None) -> Iterator[pd.Dat
             return
 
 
+def _parquet_file(path: str) -> pq.ParquetFile:
+    """Open a Parquet file; a truncated or corrupt one, or one with a column name twice, is a
+    clear error naming it."""
+    with _parquet_errors(path):
+        pf = pq.ParquetFile(path)
+    _refuse_duplicates(path, pf.schema_arrow.names)
+    return pf
+
+
+@contextlib.contextmanager
+def _parquet_errors(path: str) -> Iterator[None]:
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the file system's own error (permissions, a vanished file), not the file's content
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(
+            f"file {path} is not a readable Parquet file ({first}); it may be truncated or corrupt: "
+            f"write it again, or point --source at an intact copy"
+        ) from exc
+
+
+def _check_csv_header(path: str) -> None:
+    """Refuse a CSV whose header names a column twice (pandas would silently rename `a` to `a.1`)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            header = next(csv.reader(fh), [])
+    except csv.Error as exc:
+        raise SourceError(f"file {path} is not a readable CSV: {exc}") from exc
+    _refuse_duplicates(path, header)
+
+
+def _refuse_duplicates(where: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    twice = [n for n in names if n in seen or seen.add(n)]
+    if twice:
+        shown = ", ".join(repr(n) for n in dict.fromkeys(twice))
+        raise DataError(
+            f"{where} has the column name(s) {shown} more than once; give every column its own name"
+        )
+
+
+def columns(ref: TableRef) -> list[str]:
+    """A table's column names, without reading its rows (a file's header or schema)."""
+    _require(ref, read_only=True)
+    if ref.kind == "parquet":
+        return list(_parquet_file(ref.location).schema_arrow.names)
+    if ref.kind == "csv":
+        return list(_empty_csv(ref.location).columns)
+    if ref.kind == "duckdb":
+        with _duckdb(ref.location, read_only=True) as con:
+            return [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {ref.quoted()}").fetchall()]
+    return list(_empty_frame(ref).columns)
+
+
+def _empty_csv(path: str) -> pd.DataFrame:
+    _check_csv_header(path)
+    try:
+        return pd.read_csv(path, nrows=0)
+    except pd.errors.EmptyDataError as exc:
+        raise SourceError(f"file {path} is empty (no header, no rows)") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SourceError(f"file {path} is not a readable CSV: {exc}") from exc
+
+
 def count_rows(ref: TableRef) -> int:
     """Number of rows of a table (Parquet: from metadata; CSV: one pass over the file)."""
     _require(ref, read_only=True)
     if ref.kind == "parquet":
-        return pq.ParquetFile(ref.location).metadata.num_rows
+        return _parquet_file(ref.location).metadata.num_rows
     if ref.kind == "csv":
         return sum(len(f) for f in _iter_csv(ref.location, 500_000))
     if ref.kind == "duckdb":
@@ -321,6 +505,7 @@ def count_rows(ref: TableRef) -> int:
 def _iter_csv(
     path: str, chunk_size: int, offset: int = 0, limit: int | None = None
 ) -> Iterator[pd.DataFrame]:
+    _check_csv_header(path)
     # pandas infers one dtype per column over the whole file, which keeps chunks consistent
     try:
         yield from pd.read_csv(
@@ -336,6 +521,7 @@ def read_frame(ref: TableRef, max_rows: int | None = None) -> pd.DataFrame:
     """Read a whole table (or its first `max_rows` rows) into memory."""
     if ref.kind == "csv":
         _require(ref)
+        _check_csv_header(ref.location)
         try:
             return pd.read_csv(ref.location, nrows=max_rows, low_memory=False)
         except pd.errors.EmptyDataError as exc:
@@ -350,7 +536,7 @@ def read_frame(ref: TableRef, max_rows: int | None = None) -> pd.DataFrame:
             if max_rows is not None and total >= max_rows:
                 break
     except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(f"cannot read {ref}: {exc}") from exc
+        raise SourceError(f"cannot read {ref}: {redact(exc)}") from exc
     if not frames:
         return _empty_frame(ref)
     df = pd.concat(frames, ignore_index=True)
@@ -359,7 +545,7 @@ def read_frame(ref: TableRef, max_rows: int | None = None) -> pd.DataFrame:
 
 def _empty_frame(ref: TableRef) -> pd.DataFrame:
     if ref.kind == "parquet":
-        return pq.read_table(ref.location).to_pandas()
+        return _parquet_file(ref.location).schema_arrow.empty_table().to_pandas()
     if ref.kind == "duckdb":
         with _duckdb(ref.location) as con:
             return con.execute(f"SELECT * FROM {ref.quoted()} LIMIT 0").df()
@@ -402,65 +588,106 @@ def write_table(
     """Write all frames (DataFrames or Arrow tables) to `ref` atomically, replacing what was
     there; returns the row count.
 
+    Under a per-destination lock, what a killed writer of `ref` left (staging tables, temp
+    files) is removed, the frames fill a uniquely named staging table or temp file, and only a
+    complete, non-empty result replaces the target. Any error (including an empty result)
+    leaves the target as it was.
+
     `constants` are text columns with one value for every row (e.g. the model version), added
     by the writer rather than carried through each chunk. `threads` caps DuckDB's worker threads.
     `compress_floats=False` stores a DuckDB output's floating-point columns uncompressed: for
     values no float codec can shrink (embeddings), it skips DuckDB's ALP/ALP-RD analysis.
     """
     constants = constants or {}
-    if constants:
-        frames = _without_clash(ref, frames, constants)
+    frames = _checked(ref, frames, constants)
     if ref.kind in ("parquet", "csv"):
         return _write_file(ref, frames, constants)
-    if ref.kind == "duckdb":
-        return _write_duckdb(ref, frames, constants, threads, compress_floats)
-    return _write_postgres(ref, (_pandas(frame).assign(**constants) for frame in frames))
+    with atomic.named_lock(f"table:{ref.digest}", str(ref)):
+        if ref.kind == "duckdb":
+            return _write_duckdb(ref, frames, constants, threads, compress_floats)
+        return _write_postgres(ref, (_pandas(frame).assign(**constants) for frame in frames))
 
 
-def _without_clash(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]):
+def _checked(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]) -> Iterator[Frame]:
+    """The frames, the first one checked for column names the output cannot hold."""
     for i, frame in enumerate(frames):
-        if i == 0 and (clash := [name for name in constants if name in _names(frame)]):
-            raise SourceError(
-                f"the output for {ref} would have column(s) {', '.join(clash)} twice: the writer adds "
-                f"them (one value for every row); rename that column in the source table"
-            )
+        if i == 0:
+            names = _names(frame)
+            _refuse_duplicates(f"the output for {ref}", [str(n) for n in names])
+            if clash := [name for name in constants if name in names]:
+                raise SourceError(
+                    f"the output for {ref} would have column(s) {', '.join(clash)} twice: the writer "
+                    f"adds them (one value for every row); rename that column in the source table"
+                )
         yield frame
+
+
+def _nothing_written(ref: TableRef) -> DataError:
+    return DataError(f"nothing to write to {ref}: the job produced no rows; {ref} is unchanged")
 
 
 def _write_file(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]) -> int:
     target = Path(ref.location)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    rows, writer, schema = 0, None, None
-    try:
-        for frame in frames:
-            table = (
-                frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
-            )
-            for name, value in constants.items():
-                table = table.append_column(name, pa.repeat(pa.scalar(value, pa.string()), len(table)))
-            if writer is None:
-                schema = table.schema
-                opener = pq.ParquetWriter if ref.kind == "parquet" else pacsv.CSVWriter
-                writer = opener(tmp, schema)
-            writer.write_table(table.cast(schema))
-            rows += len(frame)
-        if writer is None:
-            raise SourceError(f"nothing to write to {target}: the job produced no data")
-        writer.close()
-        writer = None
-        os.replace(tmp, target)
-    finally:
-        if writer is not None:
+    with atomic.target_lock(target):
+        atomic.remove_stale(target)
+        fd, tmp = tempfile.mkstemp(prefix=atomic.temp_prefix(target), suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        rows, writer, schema = 0, None, None
+        try:
+            for frame in frames:
+                table = (
+                    frame
+                    if isinstance(frame, pa.Table)
+                    else pa.Table.from_pandas(frame, preserve_index=False)
+                )
+                for name, value in constants.items():
+                    table = table.append_column(name, pa.repeat(pa.scalar(value, pa.string()), len(table)))
+                if writer is None:
+                    schema = table.schema
+                    opener = pq.ParquetWriter if ref.kind == "parquet" else pacsv.CSVWriter
+                    writer = opener(tmp, schema)
+                writer.write_table(table.cast(schema))
+                rows += len(frame)
+            if rows == 0:
+                raise _nothing_written(ref)
             writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            writer = None
+            atomic.publish_mode(Path(tmp), target)
+            os.replace(tmp, target)
+        except OSError as exc:
+            if disk_full(exc):
+                raise SourceError(f"no space left on the device writing {target}; it is unchanged") from exc
+            raise
+        finally:
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return rows
 
 
+def _staging_prefix(ref: TableRef) -> str:
+    """Every staging table of `ref` starts with this (a hash of its identity): the next writer
+    finds and drops what a killed one left."""
+    return f"{RESERVED_PREFIX}stg_{ref.digest[:12]}_"
+
+
 def _staging(ref: TableRef) -> TableRef:
-    return TableRef(ref.kind, ref.location, (*ref.table[:-1], f"{ref.table[-1]}__vaeflow_staging"))
+    """A staging table for `ref` in its schema: unique per job, 34 characters (within
+    PostgreSQL's 63-byte limit however long the target's name)."""
+    name = f"{_staging_prefix(ref)}{secrets.token_hex(4)}"
+    return TableRef(ref.kind, ref.location, (ref.parts[0], name))
+
+
+def _stale_staging(con, ref: TableRef, placeholder: str) -> list[str]:
+    sql = (
+        "SELECT table_name FROM information_schema.tables "
+        f"WHERE lower(table_schema) = lower({placeholder}) AND left(table_name, {len(_staging_prefix(ref))}) "
+        f"= {placeholder}"
+    )
+    params = [ref.parts[0], _staging_prefix(ref)]
+    return [row[0] for row in con.execute(sql, params).fetchall()]
 
 
 _DUCKDB_COMMIT_ROWS = 500_000  # rows per transaction while filling the staging table
@@ -477,10 +704,11 @@ def _write_duckdb(
 
     The staging table is filled in transactions of ~500k rows: DuckDB writes a large
     transaction's row groups straight to the file (no WAL copy), and memory stays bounded. A
-    killed job leaves at most a staging table, which the next run drops. `constants` become
-    virtual generated columns (`GENERATED ALWAYS AS ('value')`): every row reads its value, but
-    nothing is stored or compressed per row (as per-row VARCHAR values they cost a third of the
-    embed job's insert time; added at the end with ADD COLUMN ... DEFAULT, +200 MB peak memory).
+    killed job leaves at most a staging table, which the next writer of the target drops.
+    `constants` become virtual generated columns (`GENERATED ALWAYS AS ('value')`): every row
+    reads its value, but nothing is stored or compressed per row (as per-row VARCHAR values
+    they cost a third of the embed job's insert time; added at the end with ADD COLUMN ...
+    DEFAULT, +200 MB peak memory).
     """
     import duckdb
 
@@ -489,7 +717,8 @@ def _write_duckdb(
     with _duckdb(ref.location, threads=threads) as con, _float_compression(con, compress_floats):
         if len(ref.table) == 2:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(ref.table[0])}")
-        con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
+        for stale in _stale_staging(con, ref, "?"):
+            con.execute(f"DROP TABLE IF EXISTS {_quote(ref.parts[0])}.{_quote(stale)}")
         con.execute("BEGIN TRANSACTION")
         try:
             for i, frame in enumerate(frames):
@@ -504,10 +733,10 @@ def _write_duckdb(
                     con.execute("COMMIT")
                     con.execute("BEGIN TRANSACTION")
                     uncommitted = 0
-            if rows == 0 and not _exists_duck(con, staging):
-                raise SourceError(f"nothing to write to {ref}: the job produced no data")
+            if rows == 0:
+                raise _nothing_written(ref)
             con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
-            con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.table[-1])}")
+            con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.parts[1])}")
             con.execute("COMMIT")
         except BaseException as exc:
             with contextlib.suppress(Exception):  # best effort: the original error is what counts
@@ -515,6 +744,12 @@ def _write_duckdb(
                 con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")  # what earlier commits filled
             if isinstance(exc, duckdb.OutOfMemoryException):
                 raise _out_of_memory(con, f"writing {ref} (the previous output is unchanged)", exc) from exc
+            if isinstance(exc, duckdb.Error):
+                if disk_full(exc):
+                    raise SourceError(f"no space left on the device writing {ref}; it is unchanged") from exc
+                raise SourceError(
+                    f"cannot write {ref} (it is unchanged): {str(exc).splitlines()[0]}"
+                ) from exc
             raise
     return rows
 
@@ -600,35 +835,64 @@ def _duck_columns(con, constants: dict[str, str]) -> str:
     return ", ".join(columns)
 
 
-def _exists_duck(con, ref: TableRef) -> bool:
-    schema, table = _sql_parts(ref)
-    sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?"
-    return con.execute(sql, [schema, table]).fetchone()[0] > 0
+def _advisory_key(ref: TableRef) -> int:
+    """A signed 64-bit key for PostgreSQL's advisory locks, from the table's identity."""
+    return int.from_bytes(bytes.fromhex(ref.digest[:16]), "big", signed=True)
+
+
+@contextlib.contextmanager
+def advisory_lock(con, key: int, what: str, timeout: float | None = None) -> Iterator[None]:
+    """A PostgreSQL session advisory lock on `key`, across hosts, waited for at most `timeout`
+    seconds (default VAEFLOW_LOCK_TIMEOUT), then a `TransientError`. The server releases it when
+    a killed job's connection drops."""
+    import time
+
+    wait = atomic.LOCK_TIMEOUT_S if timeout is None else timeout
+    deadline = time.monotonic() + wait
+    while not con.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise TransientError(
+                f"another job has held the lock on {what} for over {wait:.0f}s; wait for it to "
+                f"finish, or raise the lock timeout"
+            )
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            con.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 def _write_postgres(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
     staging = _staging(ref)
+    schema = _quote(ref.parts[0])
     rows = 0
-    with _postgres(ref.location) as con:
-        with con.transaction():
-            if len(ref.table) == 2:
-                con.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(ref.table[0])}")
-            con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
-        created = False
-        for frame in frames:
+    with _postgres(ref.location) as con, advisory_lock(con, _advisory_key(ref), f"writing {ref}"):
+        try:
             with con.transaction():
-                if not created:
-                    cols = ", ".join(f"{_quote(str(c))} {_pg_type(t)}" for c, t in frame.dtypes.items())
-                    con.execute(f"CREATE TABLE {staging.quoted()} ({cols})")
-                    created = True
-                names = ", ".join(_quote(str(c)) for c in frame.columns)
-                with con.cursor() as cur, cur.copy(f"COPY {staging.quoted()} ({names}) FROM STDIN") as cp:
-                    for record in frame.astype(object).where(frame.notna(), None).itertuples(index=False):
-                        cp.write_row(record)
-            rows += len(frame)
-        if not created:
-            raise SourceError(f"nothing to write to {ref}: the job produced no data")
-        with con.transaction():
-            con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
-            con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.table[-1])}")
+                if len(ref.table) == 2:
+                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                for stale in _stale_staging(con, ref, "%s"):
+                    con.execute(f"DROP TABLE IF EXISTS {schema}.{_quote(stale)}")
+            created = False
+            for frame in frames:
+                with con.transaction():
+                    if not created:
+                        cols = ", ".join(f"{_quote(str(c))} {_pg_type(t)}" for c, t in frame.dtypes.items())
+                        con.execute(f"CREATE TABLE {staging.quoted()} ({cols})")
+                        created = True
+                    names = ", ".join(_quote(str(c)) for c in frame.columns)
+                    with con.cursor() as cur, cur.copy(f"COPY {staging.quoted()} ({names}) FROM STDIN") as cp:
+                        for record in frame.astype(object).where(frame.notna(), None).itertuples(index=False):
+                            cp.write_row(record)
+                rows += len(frame)
+            if rows == 0:
+                raise _nothing_written(ref)
+            with con.transaction():
+                con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
+                con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.parts[1])}")
+        except BaseException:
+            with contextlib.suppress(Exception):  # best effort: the original error is what counts
+                con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
+            raise
     return rows

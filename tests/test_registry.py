@@ -19,12 +19,13 @@ def store(tmp_path):
     client.create_registered_model("m")
     exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
 
-    def add_version(nll: float) -> str:
+    def add_version(nll: float, validation: str | None = "passed") -> str:
         run = client.create_run(exp)
         client.log_metric(run.info.run_id, "eval_nll_per_cell", nll)
-        return str(
-            client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id).version
-        )
+        mv = client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        if validation is not None:
+            client.set_model_version_tag("m", mv.version, "validation", validation)
+        return str(mv.version)
 
     return settings, client, add_version
 
@@ -76,17 +77,34 @@ def test_unknown_model_and_alias_are_clear_errors(store):
         registry.resolve(client, "m@champion")
 
 
-def test_version_with_missing_artifacts_is_a_clear_error(store):
-    from pipelines.flows import _load_bundle
-
+def test_version_without_recorded_checksums_is_refused(store):
     settings, client, add = store
-    v = add(1.0)  # registered, but its run never logged a model
-    with pytest.raises(RegistryError, match=f"cannot load models:/m/{v}"):
-        _load_bundle(settings, f"models:/m/{v}")
+    v = add(1.0)  # registered, but not by vaeflow: no artifact checksums, no model logged
+    with pytest.raises(RegistryError, match=f"model m version {v} has no recorded artifact checksums"):
+        registry.load_bundle(settings, f"models:/m/{v}")
+
+
+def test_version_with_missing_artifacts_is_a_clear_error(store):
+    settings, client, add = store
+    v = add(1.0)
+    client.set_model_version_tag("m", v, registry.ARTIFACTS_TAG, '{"MLmodel": "00"}')
+    with pytest.raises(RegistryError, match=f"cannot download models:/m/{v}|artifact MLmodel is missing"):
+        registry.load_bundle(settings, f"models:/m/{v}")
+
+
+def test_a_version_without_a_validation_result_is_never_promoted(store):
+    settings, client, add = store
+    registry.promote(client, "m", add(1.0), settings)
+    v2 = add(0.1, validation=None)  # far better, but nothing says it passed validation
+    decision = registry.promote(client, "m", v2, settings)
+    assert not decision.promoted and "validation not recorded" in decision.reason
+    assert client.get_model_version_by_alias("m", "champion").version == 1
 
 
 def test_unreachable_tracking_server_fails_fast_with_the_address():
+    from pipelines.errors import TransientError
+
     settings = load_settings("params.yaml", ["mlflow.tracking_uri=http://user:secret@127.0.0.1:9"])
-    with pytest.raises(RegistryError, match="unreachable") as err:
+    with pytest.raises(TransientError, match="unreachable") as err:  # retried by the tasks
         registry.get_client(settings)
     assert "secret" not in str(err.value) and "127.0.0.1:9" in str(err.value)

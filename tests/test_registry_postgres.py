@@ -64,9 +64,9 @@ def test_two_promotions_at_once_leave_one_consistent_champion(pg_store):
     for nll in (1.0, 0.8, 0.5):  # v3 is the best, v2 also beats v1
         run = client.create_run(exp)
         client.log_metric(run.info.run_id, "eval_nll_per_cell", nll)
-        versions.append(
-            str(client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id).version)
-        )
+        mv = client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+        client.set_model_version_tag("m", mv.version, "validation", "passed")
+        versions.append(str(mv.version))
     assert registry.promote(client, "m", versions[0], settings).promoted
 
     ctx = mp.get_context("spawn")

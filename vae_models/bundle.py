@@ -42,6 +42,9 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0o022)  # mkdtemp's folder is private (0700): give it what mkdir would
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         state = {k: v.detach().cpu() for k, v in bundle.vae.state_dict().items()}
         torch.save(state, tmp / WEIGHTS)

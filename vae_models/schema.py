@@ -17,6 +17,12 @@ import pandas as pd
 import torch
 
 KINDS = ("numeric", "categorical", "binary")
+# standardised numerics are clipped to +-CLIP before they reach the network: a value at the edge
+# of float64 (1e308, a sentinel) stays finite in float32 and scores as far out, not as NaN
+CLIP = 1e6
+# a column whose standard deviation is this many times its robust spread (or overflows) is
+# scaled by median and interquartile range instead: a few extreme values do not flatten the rest
+ROBUST_RATIO = 1e4
 OVERRIDE_KINDS = (*KINDS, "ignore")
 
 
@@ -169,7 +175,9 @@ class TableSchema:
             observed = ~np.isnan(values)
             if spec.transform == "log1p":
                 values = np.sign(values) * np.log1p(np.abs(values))
-            x_num[:, j] = np.where(observed, (values - spec.center) / spec.scale, 0.0)
+            with np.errstate(over="ignore", invalid="ignore"):
+                z = np.clip((values - spec.center) / spec.scale, -CLIP, CLIP)
+            x_num[:, j] = np.where(observed, z, 0.0)
             m_num[:, j] = observed
         return x_num, m_num
 
@@ -177,9 +185,9 @@ class TableSchema:
         """Map standardised numerics and category codes back to the source columns and dtypes."""
         out: dict[str, pd.Series] = {}
         for j, spec in enumerate(self.numeric):
-            values = num_values[:, j].astype("float64") * spec.scale + spec.center
-            if spec.transform == "log1p":
-                values = np.sign(values) * np.expm1(np.abs(values))
+            values = np.clip(num_values[:, j].astype("float64"), -CLIP, CLIP) * spec.scale + spec.center
+            if spec.transform == "log1p":  # expm1 overflows past 709
+                values = np.sign(values) * np.expm1(np.minimum(np.abs(values), 709.0))
             out[spec.name] = _restore_numeric(values, spec.dtype)
         for j, spec in enumerate(self.categorical):
             levels = np.array(spec.categories + [None], dtype=object)
@@ -296,6 +304,24 @@ def _infer_kind(series: pd.Series, name: str, forced: str | None, max_categories
     return "ignore", f"high-cardinality text ({n_unique} distinct values > {max_categories})"
 
 
+def _center_scale(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of a numeric column; median and interquartile range (as a
+    normal's sigma) when extreme values overflow the first or dominate it (`ROBUST_RATIO`)."""
+    if values.size == 0:
+        return 0.0, 1.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        center, scale = float(values.mean()), float(values.std()) if values.size > 1 else 1.0
+    q1, median, q3 = (float(q) for q in np.quantile(values, [0.25, 0.5, 0.75]))
+    robust = (q3 - q1) / 1.349
+    if robust <= 1e-12:  # more than half the values equal: the spread of the rest
+        robust = float(np.median(np.abs(values - median))) * 1.4826
+    if not (math.isfinite(center) and math.isfinite(scale)) or (robust > 1e-12 and scale > ROBUST_RATIO * robust):
+        center, scale = median, robust
+    if not math.isfinite(scale) or scale <= 1e-12:
+        scale = 1.0
+    return center, scale
+
+
 def _fit_column(series: pd.Series, name: str, kind: str) -> ColumnSpec:
     dtype = str(series.dtype)
     if kind == "numeric":
@@ -305,10 +331,7 @@ def _fit_column(series: pd.Series, name: str, kind: str) -> ColumnSpec:
         if values.size > 2 and values.min() >= 0 and pd.Series(values).skew() > 2.0:
             transform = "log1p"
             values = np.log1p(values)
-        center = float(values.mean()) if values.size else 0.0
-        scale = float(values.std()) if values.size > 1 else 1.0
-        if not math.isfinite(scale) or scale <= 1e-12:
-            scale = 1.0
+        center, scale = _center_scale(values)
         return ColumnSpec(name, kind, dtype, transform=transform, center=center, scale=scale)
     levels = [_py(v) for v in series.dropna().unique()]
     levels.sort(key=lambda v: (str(type(v)), v))

@@ -1,0 +1,354 @@
+"""The pipeline's stages as plain functions, and the compositions that chain them, written once.
+
+Each stage takes the configuration and plain values and returns plain data; `@stage` records
+its name and retry policy. A composition (`retrain`, `batch_score`, `monitor`) calls its stages
+through a `step(stage, *args)` function:
+
+- `direct` (single CLI commands without a Prefect API, DVC stages, tests): the stage in this
+  process, retried by tenacity on `TransientError`s as its policy says;
+- `flows.py` passes a step that runs each stage as a Prefect task (same name, same policy),
+  so the Prefect flows are these compositions, not a second copy of them.
+
+Nothing here imports Prefect, and training, tracking and validation (Lightning, GX) are imported
+where they are used, so a scoring command starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines import ingest, names, registry, scoring
+from pipelines.config import Settings
+from pipelines.errors import ConfigError, DataError, VaeflowError
+from pipelines.orchestration import retrying
+from pipelines.warehouse import iter_frames, parse_ref
+from vae_models.schema import SchemaError
+
+if TYPE_CHECKING:
+    from pipelines import tracking, validation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How often a stage is retried on a `TransientError`, and the waits between tries (s)."""
+
+    retries: int = 0
+    delays: tuple[float, ...] = ()
+
+
+NETWORK = Retry(2, (2, 10))  # stages that touch the warehouse or the tracking server
+# a retried training resumes from its last checkpoint: one retry, for a tracking server that
+# stopped answering
+TRAINING = Retry(1, (5,))
+
+
+def stage(name: str, retry: Retry = Retry()) -> Callable[[Callable], Callable]:
+    """Mark a function as a pipeline stage with a name and a retry policy."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.stage_name, fn.retry = name, retry
+        return fn
+
+    return mark
+
+
+Step = Callable[..., Any]
+
+
+def direct(fn: Callable, *args: Any) -> Any:
+    """Run a stage in this process, retried as its policy says (only on `TransientError`s)."""
+    policy: Retry = getattr(fn, "retry", Retry())
+    if not policy.retries:
+        return fn(*args)
+    return retrying(fn, policy.retries, list(policy.delays), fn.stage_name)(*args)
+
+
+# ---------------------------------------------------------------- stages
+
+
+@stage("seed-warehouse", NETWORK)
+def seed(settings: Settings) -> str | None:
+    """Load the packaged default data set into the embedded warehouse once."""
+    ref = ingest.seed_warehouse(settings)
+    return str(ref) if ref else None
+
+
+@stage("ingest", NETWORK)
+def snapshot(settings: Settings, source: str, key: str | None) -> str:
+    """Snapshot and split a source; returns the snapshot folder."""
+    return str(ingest.take_snapshot(settings, source, key).path)
+
+
+@stage("validate")
+def validate(settings: Settings, snapshot_path: str) -> validation.ValidationReport:
+    """Run the GX suite on a snapshot (all splits); raises with the report when it fails."""
+    import pandas as pd
+
+    from pipelines import validation
+
+    snap = ingest.Snapshot(Path(snapshot_path))
+    frames = [snap.read(s) for s in ingest.SPLITS]
+    report = validation.validate_frame(pd.concat(frames, ignore_index=True), snap.schema, settings, snap.name)
+    log.info(report.text())
+    return report
+
+
+@stage("train-evaluate-register", TRAINING)
+def train(
+    settings: Settings,
+    snapshot_path: str,
+    model_name: str,
+    report: validation.ValidationReport,
+    tags: dict[str, str] | None = None,
+) -> tracking.TrainedVersion:
+    """Fit, evaluate, log and register a new version of `model_name`."""
+    from pipelines import tracking
+
+    return tracking.train_and_register(
+        ingest.Snapshot(Path(snapshot_path)), settings, model_name, report, tags
+    )
+
+
+def rescorer(settings: Settings, snapshot_path: str, name: str) -> Callable[[str], float]:
+    """`score(version)`: the promotion metric of a registered version, computed on this
+    snapshot's frozen evaluation split (the champion is re-scored, not trusted from its tags)."""
+    from pipelines import training
+
+    snap = ingest.Snapshot(Path(snapshot_path))
+    _, val_df, eval_df = training.snapshot_frames(snap)
+    metric = settings.promotion.metric
+
+    def score(version: str) -> float:
+        bundle, _ = registry.load_bundle(settings, f"models:/{name}/{version}")
+        try:
+            return training.evaluate(bundle, eval_df, val_df, settings).metrics[metric]
+        except (DataError, SchemaError) as exc:
+            # the old model cannot read today's table: it cannot stay champion
+            log.warning("v%s cannot score the evaluation snapshot: %s", version, exc)
+            return float("inf")
+
+    return score
+
+
+@stage("promote", NETWORK)
+def promote(settings: Settings, name: str, version: str, snapshot_path: str) -> registry.PromotionDecision:
+    """Apply the promotion gate to `version`, both versions re-scored on this snapshot."""
+    client = registry.get_client(settings)
+    decision = registry.promote(
+        client, name, version, settings, score=rescorer(settings, snapshot_path, name)
+    )
+    log.info(
+        "promotion of %s v%s: %s (%s)",
+        name,
+        version,
+        "PROMOTED" if decision.promoted else "REFUSED",
+        decision.reason,
+    )
+    return decision
+
+
+PartitionRunner = Callable[[Settings, str, str, str, list[scoring.Partition]], None]
+
+
+@stage("score", NETWORK)
+def score(
+    settings: Settings,
+    job: str,
+    model_uri: str,
+    source: str | None,
+    dest: str,
+    run_partitions: PartitionRunner | None = None,
+) -> scoring.JobResult:
+    """One batch job with a registered model, written to `dest` atomically. With
+    `score.dask.enabled`, `run_partitions` scores the partitions (a Dask task runner)."""
+    bundle, resolved = registry.load_bundle(settings, model_uri)
+    partitions = None
+    if settings.score.dask.enabled and job != "sample":
+        if run_partitions is None:
+            raise ConfigError("score.dask.enabled needs the Prefect flow batch_score (its Dask task runner)")
+
+        def partitions(parts: list[scoring.Partition]) -> None:
+            run_partitions(settings, job, resolved.uri, source, parts)
+
+    result = scoring.run_job(
+        bundle,
+        job,
+        source,
+        dest,
+        settings,
+        model_version=resolved.version,
+        run_id=resolved.run_id,
+        run_partitions=partitions,
+    )
+    log.info(
+        "%s: %d rows -> %s (%.0f rows/s, model v%s)",
+        job,
+        result.rows,
+        result.destination,
+        result.rows_per_second,
+        result.model_version,
+    )
+    return result
+
+
+@stage("score-partition", NETWORK)
+def score_partition(
+    settings: Settings, job: str, model_uri: str, source: str, part: scoring.Partition
+) -> int:
+    """One partition on one Dask worker: load the model from the registry, score, write Parquet."""
+    import torch
+
+    torch.set_num_threads(1)  # one thread per worker process: workers, not threads, scale out
+    bundle, _ = registry.load_bundle(settings, model_uri)
+    return scoring.score_partition(bundle, job, source, part, settings)
+
+
+@stage("drift-report", NETWORK)
+def drift_report(settings: Settings, source: str, run_tags: dict[str, str] | None = None) -> dict:
+    """Compare a sample of `source` with the champion's training snapshot; log it to MLflow."""
+    import mlflow
+
+    from pipelines import drift, tracking
+    from pipelines.secrets import redact
+
+    client = registry.get_client(settings)
+    name = settings.mlflow.model_name
+    bundle, resolved = registry.load_bundle(settings, f"models:/{name}@{registry.CHAMPION}")
+    ref = parse_ref(source, settings.warehouse_url)
+    snapshot_name = client.get_run(resolved.run_id).data.tags.get("vaeflow.snapshot") or ingest.source_name(
+        settings, ref
+    )
+    snap = ingest.Snapshot(settings.path(settings.snapshot.dir) / names.slug(snapshot_name))
+    cfg = settings.monitor
+    reference = snap.read("train")
+    if len(reference) > cfg.sample_rows:
+        reference = reference.sample(cfg.sample_rows, random_state=0).reset_index(drop=True)
+    current = drift.reservoir_sample(iter_frames(ref, settings.score.chunk_size), cfg.sample_rows)
+    if current.empty:
+        raise DataError(f"{ref} has no rows; nothing to compare with the training reference")
+    report = drift.drift_report(
+        bundle,
+        reference,
+        current,
+        column_threshold=cfg.column_threshold,
+        null_threshold=cfg.null_threshold,
+        max_drifted_share=cfg.max_drifted_share,
+        latent_threshold=cfg.latent_threshold,
+    )
+    experiment_id = tracking.ensure_experiment(settings, f"{settings.mlflow.experiment}-monitor")
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"monitor-{name}") as run:
+        mlflow.set_tags(
+            {
+                "vaeflow.model_name": name,
+                "vaeflow.model_version": resolved.version,
+                "vaeflow.source": redact(str(ref)),
+                "vaeflow.drifted": str(report.drifted),
+                **(run_tags or {}),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "drifted_share": report.drifted_share,
+                "latent_ks_max": report.latent_statistic,
+                **{f"drift.{c}": d.statistic for c, d in report.columns.items()},
+            }
+        )
+        mlflow.log_dict(report.to_dict(), "drift/report.json")
+    log.info(report.text())
+    return {"report": report.to_dict(), "drifted": report.drifted, "mlflow_run_id": run.info.run_id}
+
+
+# ---------------------------------------------------------------- compositions
+
+
+def retrain(
+    settings: Settings,
+    *,
+    source: str | None = None,
+    key: str | None = None,
+    model_name: str | None = None,
+    step: Step = direct,
+    run_tags: dict[str, str] | None = None,
+) -> dict:
+    """Seed (embedded default only), ingest, validate, train, evaluate, register, promote."""
+    if source is None:
+        source, key = settings.data.source, key or settings.data.key
+        seeded = step(seed, settings)
+        if seeded:
+            log.info("warehouse table %s ready", seeded)
+    ref = parse_ref(source, settings.warehouse_url)  # a bad name fails before any work
+    name = names.model_name(
+        model_name
+        or (settings.mlflow.model_name if source == settings.data.source else names.default_model_name(ref))
+    )
+    snapshot_path = step(snapshot, settings, source, key)
+    report = step(validate, settings, snapshot_path)
+    trained = step(train, settings, snapshot_path, name, report, run_tags)
+    decision = step(promote, settings, name, trained.version, snapshot_path)
+    return {
+        "model_name": name,
+        "version": trained.version,
+        "run_id": trained.run_id,
+        "metrics": trained.metrics,
+        "snapshot": snapshot_path,
+        "promotion": asdict(decision),
+        "source": source,
+    }
+
+
+def batch_score(
+    settings: Settings,
+    *,
+    model_uri: str | None = None,
+    source: str | None = None,
+    jobs: list[str] | None = None,
+    dest: str | None = None,
+    step: Step = direct,
+    run_partitions: PartitionRunner | None = None,
+) -> list[dict]:
+    """Score one table with the champion: each job writes its own output table atomically."""
+    model_uri = model_uri or f"models:/{settings.mlflow.model_name}@{registry.CHAMPION}"
+    source = source or settings.data.source
+    jobs = jobs or list(settings.score.jobs)
+    if dest and len(jobs) > 1:
+        raise VaeflowError(
+            "--dest names one table; give one job, or leave --dest out to use score.dest_template"
+        )
+    name = parse_ref(source, settings.warehouse_url).name  # bad names fail before any work
+    targets = {job: dest or settings.score.dest_template.format(source=name, job=job) for job in jobs}
+    for target in targets.values():
+        parse_ref(target, settings.warehouse_url)
+    results = []
+    for job, target in targets.items():
+        if settings.score.dask.enabled and job != "sample":  # its partitions run as tasks of their own
+            results.append(asdict(score(settings, job, model_uri, source, target, run_partitions)))
+        else:
+            results.append(asdict(step(score, settings, job, model_uri, source, target)))
+    return results
+
+
+def monitor(
+    settings: Settings,
+    *,
+    source: str | None = None,
+    step: Step = direct,
+    retrain_on_drift: Callable[[], dict] | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> dict:
+    """Drift of the warehouse table against the champion's training data; retrain on drift."""
+    source = source or settings.data.source
+    result = step(drift_report, settings, source, run_tags)
+    result["retrain"] = None
+    if result["drifted"] and settings.monitor.retrain_on_drift:
+        log.info("drift detected: triggering retrain")
+        result["retrain"] = (retrain_on_drift or (lambda: retrain(settings, step=step)))()
+    return result
+
+
+STAGES = (seed, snapshot, validate, train, promote, score, score_partition, drift_report)
