@@ -77,7 +77,9 @@ def test_train_and_score_a_table_never_seen_before(tmp_path, prefect_api, unseen
     scores = pd.read_parquet(dest)
     assert len(scores) == 1500 and list(scores.columns[:3]) == ["diamond_id", "anomaly_score", "is_anomaly"]
     assert scores["diamond_id"].tolist() == pd.read_csv(unseen_csv)["diamond_id"].tolist()
-    (snapshot,) = load_settings(params).path("data/snapshots").glob("diamonds-*")  # keyed by the file's identity
+    (snapshot,) = (
+        load_settings(params).path("data/snapshots").glob("diamonds-*")
+    )  # keyed by the file's identity
     schema = (snapshot / "schema.json").read_text()
     assert '"source": "constant column"' in schema and "high-cardinality text" in schema
 

@@ -5,7 +5,7 @@ import pytest
 from pipelines import ingest, validation
 from pipelines.config import load_settings
 from pipelines.errors import DataError, DataValidationError
-from pipelines.warehouse import parse_ref, write_table
+from pipelines.warehouse import parse_ref
 
 
 def test_split_is_deterministic_and_stable_under_appends(flights):
@@ -31,7 +31,9 @@ def test_empty_table_is_a_clear_error(project, flights):
 
     settings = load_settings(project)
     with duckdb.connect(parse_ref("empty_t", settings.warehouse_url).location) as con:
-        con.execute("CREATE TABLE empty_t AS SELECT * FROM flights_small LIMIT 0")  # vaeflow writes no empty table
+        con.execute(
+            "CREATE TABLE empty_t AS SELECT * FROM flights_small LIMIT 0"
+        )  # vaeflow writes no empty table
     with pytest.raises(DataError, match="has no rows"):
         ingest.take_snapshot(settings, "empty_t", None)
 

@@ -315,7 +315,9 @@ def _center_scale(values: np.ndarray) -> tuple[float, float]:
     robust = (q3 - q1) / 1.349
     if robust <= 1e-12:  # more than half the values equal: the spread of the rest
         robust = float(np.median(np.abs(values - median))) * 1.4826
-    if not (math.isfinite(center) and math.isfinite(scale)) or (robust > 1e-12 and scale > ROBUST_RATIO * robust):
+    if not (math.isfinite(center) and math.isfinite(scale)) or (
+        robust > 1e-12 and scale > ROBUST_RATIO * robust
+    ):
         center, scale = median, robust
     if not math.isfinite(scale) or scale <= 1e-12:
         scale = 1.0

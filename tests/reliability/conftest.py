@@ -86,7 +86,12 @@ def files_state(*roots: Path) -> dict[str, str]:
 def tables_state(db: Path) -> dict[str, str]:
     """Every table of a DuckDB file with a hash of its full content, in order."""
     with duckdb.connect(str(db), read_only=True) as con:
-        names = [r[0] for r in con.execute("SELECT table_schema || '.' || table_name FROM information_schema.tables").fetchall()]
+        names = [
+            r[0]
+            for r in con.execute(
+                "SELECT table_schema || '.' || table_name FROM information_schema.tables"
+            ).fetchall()
+        ]
         return {
             name: hashlib.sha256(
                 con.execute(f"SELECT * FROM {name}").df().to_csv(index=False).encode()
@@ -113,4 +118,9 @@ def trained(tmp_path_factory, base_rows) -> dict:
     write_table(parse_ref("base", settings.warehouse_url), [base_rows])
     code, out, err = cli("train", "--source", "base", "--key", "rownames", "--params", str(params))
     assert code == 0, err[-3000:]
-    return {"root": root, "params": str(params), "settings": settings, "db": root / "data" / "warehouse.duckdb"}
+    return {
+        "root": root,
+        "params": str(params),
+        "settings": settings,
+        "db": root / "data" / "warehouse.duckdb",
+    }
