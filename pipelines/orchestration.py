@@ -91,32 +91,44 @@ def prefect_api(needed: bool) -> Iterator[bool]:
 
 
 class _QuietConsole(logging.Filter):
-    """On the terminal, Prefect's failure records of an expected error are left out (the
-    command's own `error:` line says it) and other failures lose their traceback; the Prefect
-    API (the UI) still gets every record whole."""
+    """On the terminal, Prefect's records of a failure the command reports itself are left out
+    (an expected error's traceback, "Finished in state Failed"), and other failures lose their
+    traceback (it goes to a file); the Prefect API (the UI) still gets every record whole."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR or not record.name.startswith("prefect"):
+        if not record.name.startswith("prefect"):
             return True
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, VaeflowError) or str(record.msg).startswith("Finished in state Failed"):
+        if str(record.msg).startswith("Finished in state Failed"):
             return False
-        record.exc_info, record.exc_text = None, None
+        if record.exc_info:
+            if isinstance(record.exc_info[1], VaeflowError):
+                return False
+            record.exc_info, record.exc_text = None, None
         return True
 
 
 def quiet_console(debug: bool = False) -> None:
-    """Install `_QuietConsole` on Prefect's console handlers (not with `--debug`)."""
+    """Install `_QuietConsole` on every handler that writes to the terminal: the root logger's
+    and Prefect's console handlers (not with `--debug`)."""
     if debug:
         return
-    from prefect.logging.handlers import PrefectConsoleHandler
+    from prefect.logging.handlers import APILogHandler
 
     loggers = [logging.getLogger()]
-    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    loggers += [
+        lg
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger) and name.startswith("prefect")
+    ]
     for logger in loggers:
         for handler in logger.handlers:
-            if isinstance(handler, PrefectConsoleHandler) and not any(
-                isinstance(f, _QuietConsole) for f in handler.filters
+            terminal = isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            )
+            if (
+                terminal
+                and not isinstance(handler, APILogHandler)
+                and not any(isinstance(f, _QuietConsole) for f in handler.filters)
             ):
                 handler.addFilter(_QuietConsole())
 

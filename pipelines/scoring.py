@@ -239,7 +239,8 @@ def _samples(bundle: ModelBundle, settings: Settings) -> Iterator[pd.DataFrame]:
 def _progress(
     frames: Iterable[pd.DataFrame], job: str, total: int | None, enabled: bool
 ) -> Iterator[pd.DataFrame]:
-    """A progress bar of rows scored and rows/s (stderr), for long jobs."""
+    """A progress bar of rows scored and rows/s (stderr), for long jobs. Close the generator
+    when its consumer fails (`contextlib.closing`), so the bar ends its line before the error."""
     with tqdm(total=total, desc=f"score {job}", unit="rows", unit_scale=True, disable=not enabled) as bar:
         for frame in frames:
             yield frame
@@ -386,8 +387,10 @@ def run_job(
     compress_floats = job != "embed"  # embeddings: no float codec shrinks them
     start = time.perf_counter()
     if job == "sample":
-        samples = _progress(_samples(bundle, settings), job, cfg.sample_rows, cfg.progress_bar)
-        rows = write_table(dst, samples, tags, threads=threads)
+        with contextlib.closing(
+            _progress(_samples(bundle, settings), job, cfg.sample_rows, cfg.progress_bar)
+        ) as samples:
+            rows = write_table(dst, samples, tags, threads=threads)
     else:
         _check_source(bundle, src)
         # a CSV is counted only when it must be cut into partitions (counting is a full pass)
@@ -398,16 +401,18 @@ def run_job(
             # read ahead in one thread, score in `concurrent_chunks` threads, write in this one
             frames = _not_empty(prefetch(iter_frames(src, cfg.chunk_size, threads=threads)), src)
             chunks = _scored(bundle, job, frames, settings)
-            scored = _progress(chunks, job, total, cfg.progress_bar)
-            rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
+            with contextlib.closing(_progress(chunks, job, total, cfg.progress_bar)) as scored:
+                rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
         else:
             scratch_root = settings.path(cfg.dask.scratch_dir)
             scratch_root.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=f"{job}-", dir=scratch_root) as scratch:
                 parts = plan_partitions(total, settings, Path(scratch))
                 run_partitions(parts)
-                scored = _progress(_read_parts(parts), job, total, cfg.progress_bar)
-                rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
+                with contextlib.closing(
+                    _progress(_read_parts(parts), job, total, cfg.progress_bar)
+                ) as scored:
+                    rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
     seconds = time.perf_counter() - start
     result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
     log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)

@@ -74,3 +74,11 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_harness) -> str:
+    """The session's test server, shared with CLI subprocesses that run their flows on it."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()

@@ -27,14 +27,6 @@ def vaeflow(prefect_api: str | None, *args: str) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-@pytest.fixture(scope="session")
-def prefect_api(prefect_harness) -> str:
-    """The session's test server, shared with the CLI subprocesses (no ephemeral start-up each)."""
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()
-
-
 @pytest.fixture(scope="module")
 def unseen_csv(tmp_path_factory) -> str:
     """ggplot2 diamonds with an id key, a constant, a free-text column and real-looking gaps."""
