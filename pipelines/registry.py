@@ -51,10 +51,13 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         return
     import urllib.error
     import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
 
     shown = redact(uri)
+    parts = urlsplit(uri)
+    health = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/") + "/health"
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(health, timeout=timeout) as resp:
             if resp.status != 200:
                 raise TransientError(
                     f"MLflow tracking server {shown} answered /health with HTTP {resp.status}"

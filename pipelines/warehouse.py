@@ -443,8 +443,10 @@ def _parquet_errors(path: str) -> Iterator[None]:
         ) from exc
 
 
-def _check_csv_header(path: str) -> None:
-    """Refuse a CSV whose header names a column twice (pandas would silently rename `a` to `a.1`)."""
+def _check_csv_header(path: str) -> dict:
+    """Refuse a CSV whose header names a column twice (pandas would silently rename `a` to `a.1`);
+    returns pandas' reading options for it: in a one-column file an empty line is a null cell,
+    not a blank line to skip."""
     import csv
 
     try:
@@ -453,6 +455,7 @@ def _check_csv_header(path: str) -> None:
     except csv.Error as exc:
         raise SourceError(f"file {path} is not a readable CSV: {exc}") from exc
     _refuse_duplicates(path, header)
+    return {"skip_blank_lines": len(header) > 1}
 
 
 def _refuse_duplicates(where: str, names: list[str]) -> None:
@@ -479,9 +482,9 @@ def columns(ref: TableRef) -> list[str]:
 
 
 def _empty_csv(path: str) -> pd.DataFrame:
-    _check_csv_header(path)
+    options = _check_csv_header(path)
     try:
-        return pd.read_csv(path, nrows=0)
+        return pd.read_csv(path, nrows=0, **options)
     except pd.errors.EmptyDataError as exc:
         raise SourceError(f"file {path} is empty (no header, no rows)") from exc
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -505,11 +508,16 @@ def count_rows(ref: TableRef) -> int:
 def _iter_csv(
     path: str, chunk_size: int, offset: int = 0, limit: int | None = None
 ) -> Iterator[pd.DataFrame]:
-    _check_csv_header(path)
+    options = _check_csv_header(path)
     # pandas infers one dtype per column over the whole file, which keeps chunks consistent
     try:
         yield from pd.read_csv(
-            path, skiprows=range(1, offset + 1), nrows=limit, chunksize=chunk_size, low_memory=False
+            path,
+            skiprows=range(1, offset + 1),
+            nrows=limit,
+            chunksize=chunk_size,
+            low_memory=False,
+            **options,
         )
     except pd.errors.EmptyDataError as exc:
         raise SourceError(f"file {path} is empty (no header, no rows)") from exc
@@ -521,9 +529,9 @@ def read_frame(ref: TableRef, max_rows: int | None = None) -> pd.DataFrame:
     """Read a whole table (or its first `max_rows` rows) into memory."""
     if ref.kind == "csv":
         _require(ref)
-        _check_csv_header(ref.location)
+        options = _check_csv_header(ref.location)
         try:
-            return pd.read_csv(ref.location, nrows=max_rows, low_memory=False)
+            return pd.read_csv(ref.location, nrows=max_rows, low_memory=False, **options)
         except pd.errors.EmptyDataError as exc:
             raise SourceError(f"file {ref.location} is empty (no header, no rows)") from exc
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -614,12 +622,39 @@ def _checked(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]) 
         if i == 0:
             names = _names(frame)
             _refuse_duplicates(f"the output for {ref}", [str(n) for n in names])
+            _refuse_unstorable(ref, [str(n) for n in names])
             if clash := [name for name in constants if name in names]:
                 raise SourceError(
                     f"the output for {ref} would have column(s) {', '.join(clash)} twice: the writer "
                     f"adds them (one value for every row); rename that column in the source table"
                 )
         yield frame
+
+
+def _refuse_unstorable(ref: TableRef, names: list[str]) -> None:
+    """Column names the engine would silently change: a NUL byte (cut there), a PostgreSQL name
+    over 63 bytes (truncated), DuckDB names that differ only in case (renamed `a_1`)."""
+    if ref.is_file:
+        return
+    engine = "DuckDB" if ref.kind == "duckdb" else "PostgreSQL"
+    for name in names:
+        if "\x00" in name:
+            raise DataError(
+                f"column name {name!r} has a NUL character, which {engine} cannot store; rename it"
+            )
+        if ref.kind == "postgres" and len(name.encode()) > 63:
+            raise DataError(
+                f"column name {name!r} is {len(name.encode())} bytes; PostgreSQL keeps 63 and would "
+                f"silently cut it: rename it (or write a .parquet file)"
+            )
+    if ref.kind == "duckdb":
+        folded: dict[str, str] = {}
+        for name in names:
+            if (other := folded.setdefault(name.casefold(), name)) != name:
+                raise DataError(
+                    f"columns {other!r} and {name!r} differ only in case, which DuckDB treats as one name; "
+                    f"rename one of them"
+                )
 
 
 def _nothing_written(ref: TableRef) -> DataError:
