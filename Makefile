@@ -27,9 +27,10 @@ test: setup ## lint and the whole test suite (slow end-to-end tests included)
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: setup ## quality (vs sklearn / PyOD / PCA) and throughput benchmarks, printed as tables
+bench: setup ## quality (vs sklearn / PyOD / PCA), throughput and CLI-overhead benchmarks, printed as tables
 	$(BIN)/python -m benchmarks.quality
 	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.cli_overhead
 
 clean:
 	rm -rf data/warehouse.duckdb* data/snapshots data/checkpoints data/models data/scratch mlflow.db mlartifacts reports/benchmarks

@@ -135,7 +135,7 @@ def test_a_really_full_disk(trained, small_disk):
 
 
 def test_values_at_the_edge_of_float64_train_and_score_to_finite_flagged_scores(trained, tmp_path, base_rows):
-    odd = base_rows.copy()
+    odd = base_rows.astype({"distance": "float64"})
     odd.loc[[5, 50], "dep_delay"] = 1e308
     odd.loc[[7], "arr_delay"] = -1.7e308
     odd.loc[[9], "distance"] = np.finfo(np.float64).max

@@ -133,17 +133,23 @@ def test_fuzzed_destinations_and_cells_through_the_cli(
         src.loc[row * 5, ["dep_delay", "arr_delay", "air_time"][row % 3]] = value
     source = folder / "src.parquet"
     src.to_parquet(source)
+    # table destinations go to a warehouse of this example's own, which already holds tables
+    db = folder / "fuzz.duckdb"
+    warehouse = f"duckdb:///{db}"
+    write_table(parse_ref("keep", warehouse), [base_rows.head(5)])
+    write_table(parse_ref("base", warehouse), [base_rows.head(7)])
     assume("\x00" not in dest)  # argv cannot carry a NUL byte
     target = dest if not dest.endswith((".parquet", ".csv")) else str(folder / dest.replace("/", "_"))
-    before_files, before_tables = files_state(folder), tables_state(trained["db"])
+    before_files, before_tables = files_state(folder), tables_state(db)
     code, _, err = cli("score", job, "--model", "models:/base_vae@champion", "--source", str(source), "--dest", target,
-                       "--params", trained["params"])  # fmt: skip
+                       "--params", trained["params"], "--set", f"warehouse.url={warehouse}")  # fmt: skip
     if code != 0:
         assert_one_error(code, err)
         assert files_state(folder) == before_files
-        assert tables_state(trained["db"]) == before_tables
+        assert tables_state(db) == before_tables
         return
-    out = read_frame(parse_ref(target, trained["settings"].warehouse_url))
+    written = parse_ref(target, warehouse)
+    out = read_frame(written)
     assert out["rownames"].tolist() == src["rownames"].tolist()
     if job == "anomaly":
         assert np.isfinite(out["anomaly_score"]).all()
@@ -155,12 +161,11 @@ def test_fuzzed_destinations_and_cells_through_the_cli(
             out.loc[observed, "dep_delay"].to_numpy(), src.loc[observed, "dep_delay"].to_numpy()
         )
         assert out["dep_delay"].notna().all()
-    changed = {k for k in files_state(folder) if files_state(folder).get(k) != before_files.get(k)}
-    assert changed <= {target}
-    written = parse_ref(target, trained["settings"].warehouse_url)
     mine = ".".join(written.parts).lower() if not written.is_file else None
 
     def others(state: dict[str, str]) -> dict[str, str]:
-        return {k: v for k, v in state.items() if k.lower() != mine}
+        return {k: v for k, v in state.items() if k.lower() != mine and k != str(db)}
 
-    assert others(tables_state(trained["db"])) == others(before_tables)
+    assert others(tables_state(db)) == others(before_tables)
+    changed = {k for k, v in files_state(folder).items() if before_files.get(k) != v}
+    assert changed <= {target, str(db)}

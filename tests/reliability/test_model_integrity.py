@@ -165,3 +165,25 @@ def test_the_promotion_lock_gives_up_on_a_dead_server_and_on_a_held_lock(trained
         with pytest.raises(TransientError, match="promotions of m"), registry.promotion_lock(held, "m"):
             pass
         assert time.monotonic() - start < 10  # ... this one waits lock_timeout_s, then says so
+
+
+def test_a_version_without_a_validation_result_is_never_promoted(trained):
+    """A version registered outside vaeflow (no `validation` tag) cannot become champion."""
+    settings = trained["settings"]
+    client = registry.get_client(settings)
+    name = "no_validation_record"
+    client.create_registered_model(name)
+    exp = client.get_experiment_by_name(settings.mlflow.experiment).experiment_id
+    versions = []
+    for nll, tagged in ((1.0, True), (0.1, False)):
+        run_ = client.create_run(exp)
+        client.log_metric(run_.info.run_id, "eval_nll_per_cell", nll)
+        client.set_terminated(run_.info.run_id)
+        mv = client.create_model_version(name, f"runs:/{run_.info.run_id}/model", run_.info.run_id)
+        if tagged:
+            client.set_model_version_tag(name, mv.version, "validation", "passed")
+        versions.append(str(mv.version))
+    assert registry.promote(client, name, versions[0], settings).promoted
+    decision = registry.promote(client, name, versions[1], settings)  # far better, but unvalidated
+    assert not decision.promoted and "validation not recorded" in decision.reason
+    assert str(client.get_model_version_by_alias(name, "champion").version) == versions[0]
