@@ -113,6 +113,7 @@ def busy(cores: int):
 
 def measure(params: Path, workdir: Path, runs: int, load: str) -> list[dict]:
     exe = str(BIN / "vaeflow")
+    tag = "idle" if load == "idle" else "busy"  # part of the output tables' names
     paths = {
         "cli": (runs, lambda i: [exe, "score", "embed", "--model", "models:/flights20k_vae@champion",
                                   "--source", "flights20k", "--dest", f"cli_{i}", "--params", str(params)]),
@@ -122,14 +123,14 @@ def measure(params: Path, workdir: Path, runs: int, load: str) -> list[dict]:
     ephemeral_env = {**_env(), "PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}
     ephemeral_env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)  # Prefect's default: 20 s
     rows = []
-    in_process(params, f"inproc_{load}_warm")  # imports and first connections, not timed
-    floor = [in_process(params, f"inproc_{load}_{i}") for i in range(runs)]
+    in_process(params, f"inproc_{tag}_warm")  # imports and first connections, not timed
+    floor = [in_process(params, f"inproc_{tag}_{i}") for i in range(runs)]
     rows.append(_row("in-process", load, floor, 0, ""))
     for name, (n, args) in paths.items():
         seconds, failures, last = [], 0, ""
         for i in range(n):
             env = ephemeral_env if "ephemeral" in name else None
-            took, ok, tail = timed(args(f"{load}_{i}"), workdir, env)
+            took, ok, tail = timed(args(f"{tag}_{i}"), workdir, env)
             seconds.append(took)
             if not ok:
                 failures, last = failures + 1, tail

@@ -191,6 +191,7 @@ def temporary_server(timeout: float | None = None) -> Iterator[str]:
                 try:
                     yield url
                 finally:
+                    _drain_to(url)
                     os.environ.pop("PREFECT_API_URL", None)
         finally:
             proc.terminate()
@@ -199,6 +200,19 @@ def temporary_server(timeout: float | None = None) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _drain_to(url: str) -> None:
+    """Send Prefect's queued logs and events to the server before it stops: left for exit,
+    they are retried against the stopped server with backoff for about a minute."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=10)
+        except Exception as exc:  # a log that cannot be sent must not fail the command
+            log.debug("could not send Prefect's queued %s to %s: %s", worker.__name__, url, exc)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, logfile: Path) -> None:

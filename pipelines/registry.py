@@ -136,6 +136,8 @@ def artifact_digests(folder: Path) -> dict[str, str]:
 def _download(settings: Settings, uri: str, dst: Path) -> Path:
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
+
     mlflow.set_tracking_uri(settings.tracking_uri)
     mlflow.set_registry_uri(settings.tracking_uri)
     try:
