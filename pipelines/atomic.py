@@ -46,7 +46,7 @@ def lock_dir() -> Path:
     """Where lock files live: one folder per user under the temp dir (`VAEFLOW_LOCK_DIR`), so
     no lock file is left beside a user's outputs."""
     folder = Path(
-        os.environ.get("VAEFLOW_LOCK_DIR") or Path(tempfile.gettempdir()) / f"vaeflow-locks-{os.getuid()}"
+        os.environ.get("VAEFLOW_LOCK_DIR") or Path(tempfile.gettempdir()) / f"vaeflow-locks-{getattr(os, 'getuid', lambda: 'user')()}"
     )
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
