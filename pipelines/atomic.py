@@ -46,7 +46,8 @@ def lock_dir() -> Path:
     """Where lock files live: one folder per user under the temp dir (`VAEFLOW_LOCK_DIR`), so
     no lock file is left beside a user's outputs."""
     folder = Path(
-        os.environ.get("VAEFLOW_LOCK_DIR") or Path(tempfile.gettempdir()) / f"vaeflow-locks-{getattr(os, 'getuid', lambda: 'user')()}"
+        os.environ.get("VAEFLOW_LOCK_DIR")
+        or Path(tempfile.gettempdir()) / f"vaeflow-locks-{getattr(os, 'getuid', lambda: 'user')()}"
     )
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     return folder
@@ -80,7 +81,8 @@ def target_lock(target: Path, timeout: float | None = None):
 
 
 def temp_prefix(target: Path) -> str:
-    return f".{target.name}."
+    """Temp files and folders of `target`: `.NAME.vaeflow-*`, which no other target's share."""
+    return f".{target.name}.vaeflow-"
 
 
 def remove_stale(target: Path) -> None:
@@ -104,12 +106,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     (the old folder is renamed aside, then removed). On any error `target` is untouched."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(target):
+        old = target.with_name(f"{temp_prefix(target)}old")
+        if old.is_dir() and not target.exists():  # a swap was killed between its two renames
+            os.replace(old, target)
         remove_stale(target)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent))
         try:
             yield tmp
             publish_mode(tmp, target, directory=True)
-            old = target.with_name(f"{temp_prefix(target)}old")
             if target.exists():
                 os.replace(target, old)
             os.replace(tmp, target)

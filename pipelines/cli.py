@@ -20,8 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
+from pipelines.credentials import redact
 from pipelines.errors import VaeflowError
-from pipelines.secrets import redact
 
 app = typer.Typer(
     name="vaeflow",
@@ -326,6 +326,7 @@ _ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "View run at <URI>" would print credentials
     "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines",
@@ -340,7 +341,7 @@ def _traceback_file(exc: BaseException) -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         text = "".join(traceback.format_exception(exc))
-        path.write_text(f"vaeflow {' '.join(sys.argv[1:])}\n\n{redact(text)}")
+        path.write_text(redact(f"vaeflow {' '.join(sys.argv[1:])}\n\n{text}"))
         return path
     except OSError:
         return None

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipelines import secrets
+from pipelines import credentials
 from pipelines.errors import ConfigError
 from pipelines.names import MODEL_NAME, MODEL_NAME_RULE
 from vae_models.config import VAEConfig
@@ -195,16 +195,16 @@ class Settings(_Section):
 
     @property
     def tracking_uri(self) -> str:
-        """The MLflow tracking URI, a credential reference resolved (see `secrets.resolve`)."""
-        uri = secrets.resolve(self.mlflow.tracking_uri, "mlflow.tracking_uri")
+        """The MLflow tracking URI, a credential reference resolved (see `credentials.resolve`)."""
+        uri = credentials.resolve(self.mlflow.tracking_uri, "mlflow.tracking_uri")
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             return f"sqlite:///{self.path(uri.removeprefix('sqlite:///'))}"
         return uri
 
     @property
     def warehouse_url(self) -> str:
-        """The warehouse URL, a credential reference resolved (see `secrets.resolve`)."""
-        url = secrets.resolve(self.warehouse.url, "warehouse.url")
+        """The warehouse URL, a credential reference resolved (see `credentials.resolve`)."""
+        url = credentials.resolve(self.warehouse.url, "warehouse.url")
         if url.startswith("duckdb:///") and not url.startswith("duckdb:////"):
             return f"duckdb:///{self.path(url.removeprefix('duckdb:///'))}"
         return url
@@ -212,7 +212,7 @@ class Settings(_Section):
     @property
     def lock_url(self) -> str | None:
         """The promotion lock's PostgreSQL URL, a credential reference resolved."""
-        return secrets.resolve(self.promotion.lock_url, "promotion.lock_url")
+        return credentials.resolve(self.promotion.lock_url, "promotion.lock_url")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -30,9 +30,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import atomic
 from pipelines.config import Settings
+from pipelines.credentials import redact
 from pipelines.errors import RegistryError, TransientError
 from pipelines.names import model_name
-from pipelines.secrets import redact
 from vae_models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,25 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
                 raise TransientError(
                     f"MLflow tracking server {shown} answered /health with HTTP {resp.status}"
                 )
+    except urllib.error.HTTPError as exc:
+        kind = TransientError if exc.code >= 500 else RegistryError  # a 401/404 will not pass on retry
+        raise kind(
+            f"MLflow tracking server {shown} answered /health with HTTP {exc.code} ({exc.reason})"
+        ) from exc
     except (urllib.error.URLError, OSError) as exc:
         raise TransientError(
             f"MLflow tracking server {shown} is unreachable ({redact(getattr(exc, 'reason', exc))}); "
             f"start it, or point MLFLOW_TRACKING_URI at a running server"
         ) from exc
+
+
+def missing(exc: MlflowException) -> bool:
+    """Whether MLflow says the thing does not exist (rather than that it could not answer)."""
+    return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _unanswered(what: str, exc: MlflowException) -> TransientError:
+    return TransientError(f"the MLflow registry did not answer while {what}: {redact(exc.message)[:300]}")
 
 
 def get_client(settings: Settings) -> MlflowClient:
@@ -92,6 +106,8 @@ def resolve(client: MlflowClient, uri: str) -> ResolvedModel:
     try:
         client.get_registered_model(name)
     except MlflowException as exc:
+        if not missing(exc):
+            raise _unanswered(f"looking up model {name!r}", exc) from exc
         raise RegistryError(
             f"registered model {name!r} does not exist; train it first with `vaeflow train`"
         ) from exc
@@ -103,14 +119,19 @@ def resolve(client: MlflowClient, uri: str) -> ResolvedModel:
         )
     except MlflowException as exc:
         what = f"alias @{m['alias']}" if m["alias"] else f"version {m['version']}"
+        if not missing(exc):
+            raise _unanswered(f"looking up {what} of {name!r}", exc) from exc
         raise RegistryError(f"model {name!r} has no {what}") from exc
     return ResolvedModel(name, str(mv.version), mv.run_id, f"models:/{name}/{mv.version}")
 
 
 def latest_version(client: MlflowClient, name: str) -> str:
     """The highest version number of a registered model (a clear error when there is none)."""
-    resolve(client, f"models:/{model_name(name)}/1")  # an unknown model is named as such
-    return str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+    versions = client.search_model_versions(f"name='{model_name(name)}'")
+    if not versions:
+        resolve(client, f"models:/{name}@{CHAMPION}")  # names an unknown model as such
+        raise RegistryError(f"model {name!r} has no versions")
+    return str(max(int(v.version) for v in versions))
 
 
 # ---------------------------------------------------------------- artifact integrity
@@ -325,7 +346,9 @@ def promote(
     with promotion_lock(settings, name):
         try:
             current = client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:
+        except MlflowException as exc:
+            if not missing(exc):  # a registry that did not answer is not "no champion yet"
+                raise _unanswered(f"reading the champion of {name!r}", exc) from exc
             current = None
         # a version without a recorded validation result has not passed it
         validation = client.get_model_version(name, version).tags.get("validation", "not recorded")

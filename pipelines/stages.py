@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines import ingest, names, registry, scoring
 from pipelines.config import Settings
-from pipelines.errors import ConfigError, DataError, VaeflowError
+from pipelines.errors import ConfigError, DataError, RegistryError, VaeflowError
 from pipelines.orchestration import retrying
 from pipelines.warehouse import iter_frames, parse_ref
 from vae_models.schema import SchemaError
@@ -125,11 +125,11 @@ def rescorer(settings: Settings, snapshot_path: str, name: str) -> Callable[[str
     metric = settings.promotion.metric
 
     def score(version: str) -> float:
-        bundle, _ = registry.load_bundle(settings, f"models:/{name}/{version}")
         try:
+            bundle, _ = registry.load_bundle(settings, f"models:/{name}/{version}")
             return training.evaluate(bundle, eval_df, val_df, settings).metrics[metric]
-        except (DataError, SchemaError) as exc:
-            # the old model cannot read today's table: it cannot stay champion
+        except (DataError, SchemaError, RegistryError) as exc:
+            # the old model cannot be verified or cannot read today's table: it cannot stay champion
             log.warning("v%s cannot score the evaluation snapshot: %s", version, exc)
             return float("inf")
 
@@ -153,7 +153,7 @@ def promote(settings: Settings, name: str, version: str, snapshot_path: str) -> 
     return decision
 
 
-PartitionRunner = Callable[[Settings, str, str, str, list[scoring.Partition]], None]
+DaskRunner = Callable[[Settings, str, str, str, list[scoring.Partition]], None]
 
 
 @stage("score", NETWORK)
@@ -163,7 +163,7 @@ def score(
     model_uri: str,
     source: str | None,
     dest: str,
-    run_partitions: PartitionRunner | None = None,
+    run_partitions: DaskRunner | None = None,
 ) -> scoring.JobResult:
     """One batch job with a registered model, written to `dest` atomically. With
     `score.dask.enabled`, `run_partitions` scores the partitions (a Dask task runner)."""
@@ -215,7 +215,7 @@ def drift_report(settings: Settings, source: str, run_tags: dict[str, str] | Non
     import mlflow
 
     from pipelines import drift, tracking
-    from pipelines.secrets import redact
+    from pipelines.credentials import redact
 
     client = registry.get_client(settings)
     name = settings.mlflow.model_name
@@ -310,7 +310,7 @@ def batch_score(
     jobs: list[str] | None = None,
     dest: str | None = None,
     step: Step = direct,
-    run_partitions: PartitionRunner | None = None,
+    run_partitions: DaskRunner | None = None,
 ) -> list[dict]:
     """Score one table with the champion: each job writes its own output table atomically."""
     model_uri = model_uri or f"models:/{settings.mlflow.model_name}@{registry.CHAMPION}"
@@ -321,9 +321,19 @@ def batch_score(
             "--dest names one table; give one job, or leave --dest out to use score.dest_template"
         )
     name = parse_ref(source, settings.warehouse_url).name  # bad names fail before any work
-    targets = {job: dest or settings.score.dest_template.format(source=name, job=job) for job in jobs}
-    for target in targets.values():
-        parse_ref(target, settings.warehouse_url)
+    try:
+        targets = {job: dest or settings.score.dest_template.format(source=name, job=job) for job in jobs}
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(
+            f"score.dest_template {settings.score.dest_template!r} is not a template of {{source}} and {{job}}: {exc}"
+        ) from exc
+    refs = {job: parse_ref(target, settings.warehouse_url) for job, target in targets.items()}
+    identities = [ref.identity for ref in refs.values()]
+    if len(set(identities)) < len(identities):
+        raise ConfigError(
+            f"score.dest_template {settings.score.dest_template!r} gives several jobs one destination; "
+            f"put {{job}} in it"
+        )
     results = []
     for job, target in targets.items():
         if settings.score.dask.enabled and job != "sample":  # its partitions run as tasks of their own

@@ -23,12 +23,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from pipelines import names, registry, training
+from pipelines import atomic, names, registry, training
 from pipelines.config import Settings
+from pipelines.credentials import redact
 from pipelines.errors import TransientError
 from pipelines.ingest import Snapshot
 from pipelines.scoring import DEFAULT_PARAMS, score_frame
-from pipelines.secrets import redact
 from pipelines.validation import ValidationReport
 from vae_models.bundle import ModelBundle, save_bundle
 
@@ -193,6 +193,19 @@ def train_and_register(
         raise
 
 
+def _log_model(bundle_path: Path, signature, example: pd.DataFrame, model_name: str, snapshot: str):
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(MODEL_CODE),
+        artifacts={"bundle": str(bundle_path)},
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        registered_model_name=model_name,
+        tags={"vaeflow.snapshot": snapshot},
+    )
+
+
 def _train_in_run(
     snapshot: Snapshot,
     settings: Settings,
@@ -236,19 +249,12 @@ def _train_in_run(
         ):
             mlflow.log_artifact(str(path), artifact_path="plots")
         training.write_dvc_outputs(metrics, reports_dir)
-        bundle_path = save_bundle(bundle, settings.path(settings.train.model_dir) / model_name)
-        example = eval_df.head(5).reset_index(drop=True)[schema.input_columns]
-        signature = model_signature(bundle, example)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(MODEL_CODE),
-            artifacts={"bundle": str(bundle_path)},
-            signature=signature,
-            input_example=example,
-            pip_requirements=_pip_requirements(),
-            registered_model_name=model_name,
-            tags={"vaeflow.snapshot": snapshot.name},
-        )
+        model_dir = settings.path(settings.train.model_dir) / model_name
+        with atomic.target_lock(model_dir):  # another training of this model must not swap it now
+            bundle_path = save_bundle(bundle, model_dir)
+            example = eval_df.head(5).reset_index(drop=True)[schema.input_columns]
+            signature = model_signature(bundle, example)
+            info = _log_model(bundle_path, signature, example, model_name, snapshot.name)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
     # the checksums first: a version without them is never loaded, one without `validation`
@@ -290,6 +296,8 @@ def process_tags() -> dict[str, str]:
 def reap_orphaned_runs(settings: Settings, experiment: str | None = None) -> list[str]:
     """End KILLED every RUNNING run of this host whose process is gone (a SIGKILL, a lost
     machine); returns their run ids. Runs of other hosts are left alone."""
+    if _process_start(os.getpid()) is None:  # no /proc (macOS, Windows): liveness cannot be told
+        return []
     host = socket.gethostname()
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
     exp = client.get_experiment_by_name(experiment or settings.mlflow.experiment)

@@ -36,8 +36,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines import atomic
+from pipelines.credentials import redact
 from pipelines.errors import DataError, SourceError, TransientError, disk_full
-from pipelines.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _duckdb(path: str, read_only: bool = False, threads: int | None = None):
         con = duckdb.connect(path, read_only=read_only)
     except duckdb.Error as exc:
         first = str(exc).splitlines()[0]
-        if "lock" in first.lower():
+        if "Could not set lock" in first or "Conflicting lock" in first:
             raise TransientError(
                 f"DuckDB warehouse file {path} is in use by another process ({first}); DuckDB allows "
                 f"one writing process at a time: wait for it, or use PostgreSQL for concurrent jobs"
@@ -509,7 +509,6 @@ def _iter_csv(
     path: str, chunk_size: int, offset: int = 0, limit: int | None = None
 ) -> Iterator[pd.DataFrame]:
     options = _check_csv_header(path)
-    # pandas infers one dtype per column over the whole file, which keeps chunks consistent
     try:
         yield from pd.read_csv(
             path,
@@ -663,6 +662,7 @@ def _nothing_written(ref: TableRef) -> DataError:
 
 def _write_file(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]) -> int:
     target = Path(ref.location)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic.target_lock(target):
         atomic.remove_stale(target)
         fd, tmp = tempfile.mkstemp(prefix=atomic.temp_prefix(target), suffix=".tmp", dir=target.parent)
@@ -681,7 +681,15 @@ def _write_file(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str
                     schema = table.schema
                     opener = pq.ParquetWriter if ref.kind == "parquet" else pacsv.CSVWriter
                     writer = opener(tmp, schema)
-                writer.write_table(table.cast(schema))
+                try:
+                    table = table.cast(schema)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise DataError(
+                        f"cannot write {target}: a column's type changed after row {rows} ({exc}); the "
+                        f"source's types vary between chunks: raise score.chunk_size, or give the column "
+                        f"one type in the source"
+                    ) from exc
+                writer.write_table(table)
                 rows += len(frame)
             if rows == 0:
                 raise _nothing_written(ref)
@@ -898,7 +906,30 @@ def advisory_lock(con, key: int, what: str, timeout: float | None = None) -> Ite
             con.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
+def _pg_swap(con, staging: TableRef, ref: TableRef, tries: int = 3) -> None:
+    """Replace `ref` by `staging` in one transaction. Renaming a table also renames its array
+    type, `_` + the name cut to 63 bytes: two targets sharing their first 62 bytes, swapped at
+    the same moment, collide there (a unique violation, the transaction rolled back), so the
+    swap is tried again."""
+    import time
+
+    import psycopg
+
+    for attempt in range(tries):
+        try:
+            with con.transaction():
+                con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
+                con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.parts[1])}")
+            return
+        except psycopg.errors.UniqueViolation:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _write_postgres(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+    import psycopg
+
     staging = _staging(ref)
     schema = _quote(ref.parts[0])
     rows = 0
@@ -923,11 +954,13 @@ def _write_postgres(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
                 rows += len(frame)
             if rows == 0:
                 raise _nothing_written(ref)
-            with con.transaction():
-                con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
-                con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.parts[1])}")
-        except BaseException:
+            _pg_swap(con, staging, ref)
+        except BaseException as exc:
             with contextlib.suppress(Exception):  # best effort: the original error is what counts
                 con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
+            if isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError):
+                raise SourceError(
+                    f"cannot write {ref} (it is unchanged): {redact(str(exc).strip())}"
+                ) from exc
             raise
     return rows

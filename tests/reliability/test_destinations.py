@@ -109,6 +109,19 @@ def test_a_source_without_a_modelled_column_is_refused_before_writing(trained, t
     assert not dest.exists()
 
 
+def test_jobs_that_would_share_one_destination_are_refused(trained):
+    before = tables_state(trained["db"])
+    code, _, err = cli(
+        "stage", "score", "--params", trained["params"], "--set", "score.dest_template=out_{source}"
+    )
+    assert_one_error(code, err, "several jobs one destination")
+    code, _, err = cli(
+        "stage", "score", "--params", trained["params"], "--set", "score.dest_template=out_{table}"
+    )
+    assert_one_error(code, err, "score.dest_template")
+    assert tables_state(trained["db"]) == before
+
+
 def test_csv_with_a_column_name_twice_is_refused(trained, tmp_path, base_rows):
     path = tmp_path / "twice.csv"
     text = base_rows.to_csv(index=False).splitlines()

@@ -87,3 +87,20 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_write(tmp_path, name)
     assert target.read_bytes() == before  # the killed write did not touch the output
     write_table(parse_ref(str(target), "duckdb:///unused"), [pd.DataFrame({"id": [2], "x": [1.5]})])
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_snapshot_swap_killed_between_its_renames_is_recovered(tmp_path):
+    """The old folder is renamed aside, then the new one into place: killed in between, only the
+    old one exists; the next writer puts it back before anything else, so a write that then
+    fails leaves the snapshot as it was."""
+    from pipelines import atomic
+
+    target = tmp_path / "snap"
+    target.mkdir()
+    (target / "train.parquet").write_text("old rows")
+    os.replace(target, tmp_path / f"{atomic.temp_prefix(target)}old")  # the state a SIGKILL leaves
+    with pytest.raises(RuntimeError), atomic.atomic_dir(target) as tmp:
+        (tmp / "train.parquet").write_text("half")
+        raise RuntimeError("killed again")
+    assert (target / "train.parquet").read_text() == "old rows"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snap"]

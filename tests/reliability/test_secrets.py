@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from pipelines.config import load_settings
-from pipelines.secrets import redact
+from pipelines.credentials import redact
 from pipelines.warehouse import parse_ref, write_table
 from tests.conftest import small_params
 from tests.reliability.conftest import cli, run

@@ -54,11 +54,6 @@ def resolve(value: str | None, what: str) -> str | None:
     return value
 
 
-def is_reference(value: str | None) -> bool:
-    """Whether a configured value names a credential (environment variable or Secret block)."""
-    return bool(value) and bool(_ENV.match(value.strip()) or _BLOCK.match(value.strip()))
-
-
 def _secret_block(name: str, what: str) -> str:
     from pipelines.errors import ConfigError, TransientError
 
