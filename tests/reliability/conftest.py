@@ -56,6 +56,25 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> 
     return proc.returncode, proc.stdout, proc.stderr
 
 
+MODEL = "models:/base_vae@champion"
+
+
+def score_args(params: str, job: str, source, dest, model: str = MODEL) -> list[str]:
+    """The argv of `vaeflow score JOB` with the shared model."""
+    return [
+        "score",
+        job,
+        "--model",
+        model,
+        "--source",
+        str(source),
+        "--dest",
+        str(dest),
+        "--params",
+        str(params),
+    ]
+
+
 def error_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 

@@ -18,24 +18,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tests.reliability.conftest import assert_one_error, cli, files_state
-
-MODEL = "models:/base_vae@champion"
+from tests.reliability.conftest import MODEL, assert_one_error, cli, files_state, score_args
 
 
 def _score(trained, job, source, dest):
-    return cli(
-        "score",
-        job,
-        "--model",
-        MODEL,
-        "--source",
-        str(source),
-        "--dest",
-        str(dest),
-        "--params",
-        trained["params"],
-    )
+    return cli(*score_args(trained["params"], job, source, dest))
 
 
 def _parquet(tmp_path, base_rows):

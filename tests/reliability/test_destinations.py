@@ -12,15 +12,11 @@ import os
 import pandas as pd
 import pytest
 
-from tests.reliability.conftest import assert_one_error, cli, files_state, tables_state
-
-MODEL = "models:/base_vae@champion"
+from tests.reliability.conftest import assert_one_error, cli, files_state, score_args, tables_state
 
 
 def _score(trained, job: str, source: str, dest: str) -> tuple[int, str, str]:
-    return cli(
-        "score", job, "--model", MODEL, "--source", source, "--dest", dest, "--params", trained["params"]
-    )
+    return cli(*score_args(trained["params"], job, source, dest))
 
 
 @pytest.mark.parametrize(

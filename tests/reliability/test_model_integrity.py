@@ -19,9 +19,7 @@ import pytest
 
 from pipelines import registry
 from pipelines.errors import RegistryError, TransientError
-from tests.reliability.conftest import assert_one_error, cli
-
-MODEL = "models:/base_vae@champion"
+from tests.reliability.conftest import assert_one_error, cli, score_args
 
 
 def _model_dir(trained) -> Path:
@@ -51,18 +49,7 @@ def _tampered(path: Path, data: bytes | None):
 
 def _score(trained, tmp_path):
     dest = tmp_path / "emb.parquet"
-    code, out, err = cli(
-        "score",
-        "embed",
-        "--model",
-        MODEL,
-        "--source",
-        "base",
-        "--dest",
-        str(dest),
-        "--params",
-        trained["params"],
-    )
+    code, _, err = cli(*score_args(trained["params"], "embed", "base", dest))
     return code, err, dest
 
 

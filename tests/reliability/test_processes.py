@@ -24,10 +24,9 @@ import pytest
 from pipelines.config import load_settings
 from pipelines.warehouse import parse_ref, write_table
 from tests.conftest import small_params
-from tests.reliability.conftest import EXE, SCRUB, assert_one_error, cli, run
+from tests.reliability.conftest import EXE, SCRUB, assert_one_error, cli, run, score_args
 
 pytestmark = pytest.mark.slow
-MODEL = "models:/base_vae@champion"
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -73,18 +72,7 @@ def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
 def test_a_score_command_on_a_busy_machine_needs_no_server(trained, tmp_path):
     dest = tmp_path / "emb.parquet"
     with _busy_cores():
-        code, out, err = run(
-            "score",
-            "embed",
-            "--model",
-            MODEL,
-            "--source",
-            "base",
-            "--dest",
-            str(dest),
-            "--params",
-            trained["params"],
-        )
+        code, out, err = run(*score_args(trained["params"], "embed", "base", dest))
     assert code == 0, err[-3000:]
     assert "Prefect server" not in err and "ephemeral" not in err.lower()
     assert dest.exists()

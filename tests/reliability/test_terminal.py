@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.conftest import assert_one_error, cli, run
-
-MODEL = "models:/base_vae@champion"
+from tests.reliability.conftest import MODEL, assert_one_error, cli, run, score_args
 
 
 @pytest.mark.slow
@@ -38,18 +36,7 @@ def test_an_unexpected_error_is_one_line_naming_its_traceback_file(trained, tmp_
         raise ZeroDivisionError("a bug, not bad input")
 
     monkeypatch.setattr(scoring, "run_job", broken)
-    args = [
-        "score",
-        "embed",
-        "--model",
-        MODEL,
-        "--source",
-        "base",
-        "--dest",
-        "emb_out",
-        "--params",
-        trained["params"],
-    ]
+    args = score_args(trained["params"], "embed", "base", "emb_out")
     code, _, err = cli(*args, env={"VAEFLOW_LOG_DIR": str(tmp_path / "logs")})
     line = assert_one_error(code, err, "unexpected ZeroDivisionError: a bug, not bad input", exit_code=1)
     (log,) = (tmp_path / "logs").iterdir()
