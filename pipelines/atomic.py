@@ -9,6 +9,7 @@ of one target, and under it the next writer removes what a killed writer left be
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -87,8 +88,7 @@ def temp_prefix(target: Path) -> str:
 
 def remove_stale(target: Path) -> None:
     """Remove temp files and folders a killed writer of `target` left (call under its lock)."""
-    prefix = temp_prefix(target)
-    for path in target.parent.glob(f"{glob_escape(prefix)}*"):
+    for path in target.parent.glob(f"{glob.escape(temp_prefix(target))}*"):
         if path.name.endswith((".tmp", ".old")):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -96,8 +96,9 @@ def remove_stale(target: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+def no_space(what: object) -> SourceError:
+    """The error for a full disk (or an exhausted quota) while writing `what`."""
+    return SourceError(f"no space left on the device writing {what}; it is unchanged")
 
 
 @contextlib.contextmanager
@@ -120,7 +121,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             if disk_full(exc):
-                raise SourceError(f"no space left on the device writing {target}; it is unchanged") from exc
+                raise no_space(target) from exc
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -139,6 +140,6 @@ def write_text(target: Path, text: str) -> Path:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if disk_full(exc):
-            raise SourceError(f"no space left on the device writing {target}; it is unchanged") from exc
+            raise no_space(target) from exc
         raise
     return target

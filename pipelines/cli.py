@@ -119,11 +119,7 @@ def train(
     sets: Sets = None,
 ) -> None:
     """Ingest, validate, train, evaluate, register a new version and apply the promotion rule."""
-    from pipelines.names import model_name
-
     settings = _settings(params, sets)
-    if name is not None:
-        model_name(name)  # refused before anything is read or written
     out = _compose("retrain", settings, params, sets, source=source, key=key, model_name=name)
     typer.echo(f"registered {out['model_name']} version {out['version']} (run {out['run_id']})")
     decision = out["promotion"]
@@ -143,7 +139,7 @@ def promote(
     from pipelines.names import model_name, slug
 
     settings = _settings(params, sets)
-    model_name(name)
+    model_name(name)  # also when --version is given: "invalid model name", not "malformed URI"
     client = registry.get_client(settings)
     if version is None:
         version = registry.latest_version(client, name)
@@ -171,10 +167,8 @@ def rollback(
 ) -> None:
     """Move the champion alias back to the previous champion."""
     from pipelines import registry
-    from pipelines.names import model_name
 
     settings = _settings(params, sets)
-    model_name(name)
     old, new = registry.rollback(registry.get_client(settings), name, settings)
     typer.echo(f"{name}: champion moved from v{old} back to v{new}")
 

@@ -397,6 +397,7 @@ def promote(
 
 def rollback(client: MlflowClient, name: str, settings: Settings | None = None) -> tuple[str, str]:
     """Move `champion` back to the previous champion; returns (from_version, to_version)."""
+    model_name(name)
     if settings is not None:
         with promotion_lock(settings, name):
             return rollback(client, name)

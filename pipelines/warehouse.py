@@ -25,6 +25,7 @@ import re
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -482,9 +483,17 @@ def columns(ref: TableRef) -> list[str]:
 
 
 def _empty_csv(path: str) -> pd.DataFrame:
+    with _csv_reading(path) as options:
+        return pd.read_csv(path, nrows=0, **options)
+
+
+@contextlib.contextmanager
+def _csv_reading(path: str) -> Iterator[dict]:
+    """Yield pandas' options for reading `path` (its header checked, see `_check_csv_header`);
+    a file pandas cannot parse is a clear error naming it."""
     options = _check_csv_header(path)
     try:
-        return pd.read_csv(path, nrows=0, **options)
+        yield options
     except pd.errors.EmptyDataError as exc:
         raise SourceError(f"file {path} is empty (no header, no rows)") from exc
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -508,8 +517,7 @@ def count_rows(ref: TableRef) -> int:
 def _iter_csv(
     path: str, chunk_size: int, offset: int = 0, limit: int | None = None
 ) -> Iterator[pd.DataFrame]:
-    options = _check_csv_header(path)
-    try:
+    with _csv_reading(path) as options:
         yield from pd.read_csv(
             path,
             skiprows=range(1, offset + 1),
@@ -518,23 +526,14 @@ def _iter_csv(
             low_memory=False,
             **options,
         )
-    except pd.errors.EmptyDataError as exc:
-        raise SourceError(f"file {path} is empty (no header, no rows)") from exc
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise SourceError(f"file {path} is not a readable CSV: {exc}") from exc
 
 
 def read_frame(ref: TableRef, max_rows: int | None = None) -> pd.DataFrame:
     """Read a whole table (or its first `max_rows` rows) into memory."""
     if ref.kind == "csv":
         _require(ref)
-        options = _check_csv_header(ref.location)
-        try:
+        with _csv_reading(ref.location) as options:
             return pd.read_csv(ref.location, nrows=max_rows, low_memory=False, **options)
-        except pd.errors.EmptyDataError as exc:
-            raise SourceError(f"file {ref.location} is empty (no header, no rows)") from exc
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-            raise SourceError(f"file {ref.location} is not a readable CSV: {exc}") from exc
     frames, total = [], 0
     try:
         for frame in iter_frames(ref):
@@ -699,7 +698,7 @@ def _write_file(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str
             os.replace(tmp, target)
         except OSError as exc:
             if disk_full(exc):
-                raise SourceError(f"no space left on the device writing {target}; it is unchanged") from exc
+                raise atomic.no_space(target) from exc
             raise
         finally:
             if writer is not None:
@@ -789,7 +788,7 @@ def _write_duckdb(
                 raise _out_of_memory(con, f"writing {ref} (the previous output is unchanged)", exc) from exc
             if isinstance(exc, duckdb.Error):
                 if disk_full(exc):
-                    raise SourceError(f"no space left on the device writing {ref}; it is unchanged") from exc
+                    raise atomic.no_space(ref) from exc
                 raise SourceError(
                     f"cannot write {ref} (it is unchanged): {str(exc).splitlines()[0]}"
                 ) from exc
@@ -888,8 +887,6 @@ def advisory_lock(con, key: int, what: str, timeout: float | None = None) -> Ite
     """A PostgreSQL session advisory lock on `key`, across hosts, waited for at most `timeout`
     seconds (default VAEFLOW_LOCK_TIMEOUT), then a `TransientError`. The server releases it when
     a killed job's connection drops."""
-    import time
-
     wait = atomic.LOCK_TIMEOUT_S if timeout is None else timeout
     deadline = time.monotonic() + wait
     while not con.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
@@ -911,8 +908,6 @@ def _pg_swap(con, staging: TableRef, ref: TableRef, tries: int = 3) -> None:
     type, `_` + the name cut to 63 bytes: two targets sharing their first 62 bytes, swapped at
     the same moment, collide there (a unique violation, the transaction rolled back), so the
     swap is tried again."""
-    import time
-
     import psycopg
 
     for attempt in range(tries):

@@ -6,7 +6,8 @@ import torch
 
 from tests.helpers import linear_table, train_small
 from vae_models import VAEConfig, infer_schema
-from vae_models.vae import TableBatch, TabularVAE, VAEModule
+from vae_models.module import VAEModule
+from vae_models.vae import TableBatch, TabularVAE
 
 
 def _batch(df):

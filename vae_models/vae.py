@@ -180,13 +180,3 @@ class TabularVAE(nn.Module):
         weighted = torch.logsumexp(recon_k + kl_weight * log_prior_ratio, 0) - log_k
         bound = torch.logsumexp(recon_k + log_prior_ratio, 0) - log_k
         return LossOutput(loss=-weighted.mean(), bound=bound, recon=recon, kl=kl)
-
-
-def __getattr__(name: str):
-    """`VAEModule` lives in `vae_models.module` (Lightning); importing this module (the network
-    that scoring needs) does not import Lightning."""
-    if name == "VAEModule":
-        from vae_models.module import VAEModule
-
-        return VAEModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ from tests.conftest import small_params
 from tests.reliability.conftest import EXE, SCRUB, assert_one_error, cli, run, score_args
 
 pytestmark = pytest.mark.slow
+TRAIN_BASE = ("train", "--source", "base", "--key", "rownames")
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -121,7 +122,7 @@ def test_a_killed_training_does_not_leave_its_run_running(tmp_path, base_rows, h
     params = small_params(tmp_path, data={"source": "base"}, train={"max_epochs": 400, "batch_size": 32})
     settings = load_settings(params)
     write_table(parse_ref("base", settings.warehouse_url), [base_rows])
-    proc = _start("train", "--source", "base", "--key", "rownames", "--params", str(params))
+    proc = _start(*TRAIN_BASE, "--params", str(params))
     run_ = _wait_for_running_run(settings, proc)
     time.sleep(1.0)  # into the epochs
     proc.send_signal(how)
@@ -131,17 +132,7 @@ def test_a_killed_training_does_not_leave_its_run_running(tmp_path, base_rows, h
         assert mlflow.MlflowClient(settings.tracking_uri).get_run(run_.info.run_id).info.status == "KILLED"
     else:
         # nobody could end it; the next training on this host does, before it starts its own
-        code, _, err = cli(
-            "train",
-            "--source",
-            "base",
-            "--key",
-            "rownames",
-            "--params",
-            str(params),
-            "--set",
-            "train.max_epochs=1",
-        )
+        code, _, err = cli(*TRAIN_BASE, "--params", str(params), "--set", "train.max_epochs=1")
         assert code == 0, err[-3000:]
     run_ = mlflow.MlflowClient(settings.tracking_uri).get_run(run_.info.run_id)
     assert run_.info.status == "KILLED"
@@ -187,16 +178,7 @@ def test_a_tracking_server_that_dies_mid_training_is_reported_within_two_minutes
     settings = load_settings(params, [f"mlflow.tracking_uri={uri}"])
     write_table(parse_ref("base", settings.warehouse_url), [base_rows])
     with _mlflow_server(tmp_path, port) as server:
-        proc = _start(
-            "train",
-            "--source",
-            "base",
-            "--key",
-            "rownames",
-            "--params",
-            str(params),
-            env={"MLFLOW_TRACKING_URI": uri},
-        )
+        proc = _start(*TRAIN_BASE, "--params", str(params), env={"MLFLOW_TRACKING_URI": uri})
         run_ = _wait_for_running_run(settings, proc)
         time.sleep(1.0)
         os.killpg(server.pid, signal.SIGKILL)
