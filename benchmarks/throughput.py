@@ -235,7 +235,7 @@ def training_epochs(df, schema, rounds: int = 9) -> dict:
     from vae_models import VAEConfig, VAEModule
     from vae_models.data import table_loader
 
-    config = VAEConfig(latent_dim=8, hidden_dims=[128, 128], kl_warmup_epochs=0).model_dump()
+    config = VAEConfig(latent_dim=8, hidden_dims=[128, 128], kl_warmup=0).model_dump()
     loader = table_loader(schema.encode(df), 1024, shuffle=True)
 
     class Timer(Callback):

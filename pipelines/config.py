@@ -73,9 +73,32 @@ class ValidationConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_epochs: int = Field(15, ge=1)
-    batch_size: int = Field(512, ge=1)
-    patience: int = Field(3, ge=1, description="early-stopping patience in epochs on val_loss")
+    """How long and on what a fit trains; the budget rule is `vae_models.data.plan_budget`."""
+
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="auto: rows/32 as a power of two in [32, 1024]"
+    )
+    max_steps: int | Literal["auto"] = Field(
+        "auto", description="optimisation steps; auto: min_steps or one pass, whichever is longer"
+    )
+    min_steps: int = Field(4000, ge=1, description="the auto step budget's floor")
+    max_epochs: int | None = Field(
+        None, ge=1, description="cap on passes over the data (none: the step budget)"
+    )
+    max_minutes: float | None = Field(
+        120.0, gt=0, description="wall-time cap; the best checkpoint so far is kept"
+    )
+    patience: int = Field(10, ge=1, description="early stopping: validations without a better monitor value")
+    monitor: Literal["val_heldout_nll", "val_heldout_mse", "val_loss"] = Field(
+        "val_heldout_nll",
+        description="early stopping and model selection: held-out cells' NLL or squared error, or the "
+        "validation rows' negative ELBO",
+    )
+    heldout_cells: float = Field(
+        0.1, ge=0.0, lt=0.5, description="share of observed training cells hidden to score imputation"
+    )
+    heldout_rows: int = Field(20_000, ge=1, description="rows whose held-out cells each validation scores")
+    heldout_k: int = Field(16, ge=1, description="importance samples per held-out row")
     gradient_clip_val: float = Field(5.0, gt=0.0)
     accelerator: str = "auto"
     devices: int | str = "auto"

@@ -78,8 +78,8 @@ def score_frame(
         threshold = bundle.extra.get("anomaly_threshold")
         out["is_anomaly"] = scores > threshold if threshold is not None else False
         return out
-    imp = inference.impute(vae, table, k=k, generator=gen)
-    decoded = schema.decode(imp.x_num, imp.x_cat)
+    imp = inference.impute(vae, table, k=k, generator=gen, schema=schema)
+    decoded = imp.to_frame(schema)
     out = df.reset_index(drop=True).copy()
     for name in schema.names:
         out[name] = _fill(out[name], decoded[name])

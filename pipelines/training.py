@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,10 @@ from pipelines.config import Settings
 from pipelines.ingest import Snapshot
 from vae_models import inference
 from vae_models.bundle import ModelBundle
-from vae_models.data import table_loader
+from vae_models.data import hold_out_cells, plan_budget, table_loader
 from vae_models.module import VAEModule
-from vae_models.schema import TableSchema
-from vae_models.vae import TableBatch
+from vae_models.schema import EncodedTable, TableSchema
+from vae_models.vae import TableBatch, TabularVAE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ class EpochHistory(Callback):
         if not self.path.exists():
             return []
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        latest = {r["epoch"]: r for r in rows}  # an epoch redone after a crash counts once
+        latest: dict[float, dict[str, float]] = {}
+        for r in rows:  # an epoch redone after a crash counts once, its latest values winning
+            latest[r["epoch"]] = {**latest.get(r["epoch"], {}), **r}
         return [latest[e] for e in sorted(latest)]
 
 
@@ -72,27 +75,56 @@ def fit(
     checkpoint_dir: Path | None = None,
     callbacks: list[Callback] | None = None,
 ) -> FitResult:
-    """Fit a VAE with early stopping and checkpoints; returns the best weights loaded.
+    """Fit a VAE within its step budget, with early stopping and checkpoints on held-out cells;
+    returns the best weights loaded.
 
-    If `checkpoint_dir` holds a `last.ckpt` from an interrupted fit (a retried task), training
-    resumes from it: weights, optimiser, epoch and callback states."""
+    A share of the observed training cells (`train.heldout_cells`) is hidden from training and
+    scored at each validation given the rest of its row: imputation, the model's target, picks
+    the checkpoint. If `checkpoint_dir` holds a `last.ckpt` from an interrupted fit (a retried
+    task), training resumes from it: weights, optimiser, step and callback states."""
     cfg = settings.train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    train = schema.encode(train_df)
+    held = hold_out_cells(schema.encode(train_df), cfg.heldout_cells, seed=cfg.seed)
     val = schema.encode(val_df)
-    module = VAEModule(len(schema.numeric), schema.cat_sizes, settings.model.model_dump())
+    budget = plan_budget(
+        len(train_df),
+        batch_size=None if cfg.batch_size == "auto" else cfg.batch_size,
+        max_steps=None if cfg.max_steps == "auto" else cfg.max_steps,
+        min_steps=cfg.min_steps,
+        max_epochs=cfg.max_epochs,
+    )
+    monitor = cfg.monitor if held.cells or cfg.monitor == "val_loss" else "val_loss"
+    if monitor != cfg.monitor:
+        log.info("no cell could be held out (one modelled cell per row): monitoring val_loss")
+    config = settings.model.model_copy(update={"num_logvar_min": schema.logvar_floors()})
+    module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump(), heldout_k=cfg.heldout_k)
     ckpt_dir = checkpoint_dir or settings.path(cfg.checkpoint_dir)
     history = EpochHistory(Path(ckpt_dir) / "history.jsonl")
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", save_last=True)
+    # both act when a validation ends (it may fall mid-epoch): a fit resumed from a checkpoint
+    # written there re-enters that epoch's end before any new validation has run
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor=monitor, save_last=True, save_on_train_epoch_end=False
+    )
+    log.info(
+        "training on %d rows: batch %d, up to %d steps (%d per epoch), validating every %d",
+        len(train_df),
+        budget.batch_size,
+        budget.max_steps,
+        budget.steps_per_epoch,
+        budget.val_every,
+    )
     trainer = L.Trainer(
-        max_epochs=cfg.max_epochs,
+        max_steps=budget.max_steps,
+        max_epochs=cfg.max_epochs or -1,  # in each process's epochs, should DDP split the rows
+        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+        **budget.trainer_args(),
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         strategy=cfg.strategy,
         num_nodes=cfg.num_nodes,
         logger=logger,
         callbacks=[
-            EarlyStopping(monitor="val_loss", patience=cfg.patience),
+            EarlyStopping(monitor=monitor, patience=cfg.patience, check_on_train_epoch_end=False),
             checkpoint,
             history,
             *(callbacks or []),
@@ -101,7 +133,7 @@ def fit(
         deterministic=cfg.deterministic,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
-        log_every_n_steps=max(1, min(50, len(train) // cfg.batch_size)),
+        log_every_n_steps=max(1, min(50, budget.steps_per_epoch)),
         num_sanity_val_steps=0,
     )
     if "spawn" in str(cfg.strategy):
@@ -113,10 +145,13 @@ def fit(
         log.info("resuming training from %s", last)
     else:
         history.path.unlink(missing_ok=True)  # a fresh fit starts a fresh history
+    val_loaders = [table_loader(val, 4096, shuffle=False)]
+    if monitor != "val_loss":
+        val_loaders.append(held.loader(cfg.heldout_rows, 4096, seed=cfg.seed))
     trainer.fit(
         module,
-        train_dataloaders=table_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed),
-        val_dataloaders=table_loader(val, max(cfg.batch_size, 4096), shuffle=False),
+        train_dataloaders=table_loader(held.visible, budget.batch_size, shuffle=True, seed=cfg.seed),
+        val_dataloaders=val_loaders,
         ckpt_path=str(last) if last.exists() else None,
     )
     best = checkpoint.best_model_path or None
@@ -167,6 +202,7 @@ def evaluate(
     rmse = errors.loc[errors.metric == "rmse_std", "value"]
     err = errors.loc[errors.metric == "error_rate", "value"]
     metrics = {
+        **heldout_cell_metrics(vae, table, settings),
         "eval_nll_per_cell": float(-log_px.sum() / max(n_obs, 1.0)),
         "eval_nll_per_row": float(-log_px.mean()),
         "eval_elbo_per_row": float(elbo),
@@ -176,6 +212,33 @@ def evaluate(
         "eval_rows": float(len(eval_df)),
     }
     return Evaluation(metrics, errors, threshold)
+
+
+def heldout_cell_metrics(vae: TabularVAE, table: EncodedTable, settings: Settings) -> dict[str, float]:
+    """Imputation of eval cells hidden at random (`train.heldout_cells`, at least 10%) from the
+    rest of their row, with the scoring jobs' importance samples: NLL per cell, RMSE against the
+    column-mean baseline (standardised units), categorical error, and the mean effective
+    sample size of the importance weights (near 1: `score.importance_samples` is too few)."""
+    held = hold_out_cells(table, max(settings.train.heldout_cells, 0.1), seed=settings.train.seed)
+    if not held.cells:
+        return {}
+    k = settings.score.importance_samples
+    total = torch.zeros(7, dtype=torch.float64)
+    rows = base = 0.0
+    with torch.no_grad():
+        for batch in held.loader(settings.train.heldout_rows, 4096, seed=settings.train.seed):
+            sums = inference.heldout_metrics(vae, TableBatch(*batch[:4]), batch[4], batch[5], k)
+            total += torch.stack([t.double() for t in sums])
+            rows += batch[0].shape[0]
+            base += float(((batch[0] ** 2) * batch[4]).sum())  # the mean is 0 in standardised units
+    nll, cells, sq, n_num, wrong, n_cat, ess = total.tolist()
+    out = {"eval_heldout_nll_per_cell": nll / cells, "eval_impute_ess_mean": ess / rows}
+    if n_num:
+        out["eval_heldout_rmse_std"] = math.sqrt(sq / n_num)
+        out["eval_heldout_rmse_mean_baseline"] = math.sqrt(base / n_num)
+    if n_cat:
+        out["eval_heldout_error"] = wrong / n_cat
+    return out
 
 
 def make_plots(

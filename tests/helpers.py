@@ -18,7 +18,7 @@ def train_small(
     schema = infer_schema(df, default_kind=default_kind)
     enc = schema.encode(df)
     cfg = VAEConfig(
-        **{"latent_dim": 2, "hidden_dims": [32, 32], "learning_rate": 5e-3, "kl_warmup_epochs": 1, **config}
+        **{"latent_dim": 2, "hidden_dims": [32, 32], "learning_rate": 5e-3, "kl_warmup": 0.05, **config}
     )
     module = VAEModule(len(schema.numeric), schema.cat_sizes, cfg.model_dump())
     trainer = L.Trainer(

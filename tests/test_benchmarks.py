@@ -6,14 +6,15 @@ from benchmarks.datasets import MAX_ROWS, anomaly_construction, load_tables
 from benchmarks.quality import design
 
 
-def test_six_real_tables_from_two_packages_without_label_leaks():
+def test_ten_real_tables_from_two_packages_without_label_leaks():
     tables = load_tables(0)
-    assert len(tables) >= 6
+    assert len(tables) >= 10 and len({t.name for t in tables}) == len(tables)
     assert len({t.source.split()[0] for t in tables}) >= 2
     for t in tables:
         assert 100 <= len(t.features) <= MAX_ROWS
         assert len(t.label) == len(t.features)
         assert "label" not in t.features.columns
+        assert not any(c.lower() in ("id", "rownames") for c in t.features.columns), t.name  # no identifiers
         assert (t.label == t.anomaly_class).any(), t.name
     kinds = {t.name: bool(t.categorical_columns) for t in tables}
     assert any(kinds.values()) and not all(kinds.values())  # mixed-type and purely numeric tables

@@ -70,6 +70,16 @@ def save_bundle(bundle: ModelBundle, path: str | Path) -> Path:
     return path
 
 
+def legacy_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config as today's `VAEConfig` reads it: bundles written before the linear skip
+    path existed have none, and their epoch-based KL warm-up only mattered in training."""
+    config = dict(config)
+    if "kl_warmup_epochs" in config:
+        config.pop("kl_warmup_epochs")
+        config.setdefault("linear_skip", False)
+    return config
+
+
 def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> ModelBundle:
     """Read a bundle written by `save_bundle`; raises FileNotFoundError naming a missing part."""
     path = Path(path)
@@ -78,7 +88,7 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> M
             raise FileNotFoundError(f"model bundle {path} lacks {part}; re-train or re-download it")
     meta = json.loads((path / META).read_text())
     schema = TableSchema.from_dict(json.loads((path / SCHEMA).read_text()))
-    vae = TabularVAE(meta["n_num"], meta["cat_sizes"], VAEConfig(**meta["config"]))
+    vae = TabularVAE(meta["n_num"], meta["cat_sizes"], VAEConfig(**legacy_config(meta["config"])))
     vae.load_state_dict(torch.load(path / WEIGHTS, map_location=map_location, weights_only=True))
     vae.eval()
     return ModelBundle(vae=vae, schema=schema, extra=meta.get("extra", {}))

@@ -24,7 +24,20 @@ class VAEConfig(BaseModel):
     n_importance: int = Field(
         1, ge=1, description="K samples per row in training; K>1 trains the IWAE/MIWAE bound"
     )
-    kl_warmup_epochs: int = Field(2, ge=0, description="epochs over which the KL weight ramps to beta")
+    kl_warmup: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of the training steps over which the KL weight ramps to beta"
+    )
+    linear_skip: bool = Field(
+        True,
+        description="add a linear path from z beside the decoder's MLP: the model then contains "
+        "probabilistic PCA, and near-linear tables need no depth",
+    )
+    num_logvar_min: list[float | None] | None = Field(
+        None,
+        description="per numeric column log-variance floor, set from the schema at fit time: a column "
+        "quantised to steps of s (integers, pixels) gets log(s^2/12) in standardised units; None = "
+        "logvar_min",
+    )
     encoder_hide_rate: float = Field(
         0.2, ge=0.0, lt=1.0, description="share of observed cells hidden from the encoder in training"
     )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from vae_models.schema import EncodedTable
+from vae_models.schema import ColumnSpec, EncodedTable, TableSchema
 from vae_models.vae import TableBatch, TabularVAE
 
 
@@ -87,6 +89,34 @@ class Imputation:
     num_spread: np.ndarray  # (N, n_num) predictive std of each imputed numeric cell; 0 if observed
     x_cat: np.ndarray  # (N, n_cat) codes; observed cells kept
     cat_confidence: np.ndarray  # (N, n_cat) probability of the chosen level; 1 if observed
+    cat_mean: np.ndarray  # (N, n_cat) probability-weighted mean of numeric levels; NaN otherwise
+    ess: np.ndarray  # (N,) effective sample size of the importance weights
+
+    def to_frame(self, schema: TableSchema) -> pd.DataFrame:
+        """Point estimates in the table's units: the posterior mean of every numeric cell, and
+        of every float column stored as levels (a 0/1 column gets P(1), not the likelier level);
+        the likeliest level of the other categoricals."""
+        out = schema.decode(self.x_num, self.x_cat)
+        for j, spec in enumerate(schema.categorical):
+            if mean_imputed(spec):
+                missing = ~np.isnan(self.cat_mean[:, j])
+                out[spec.name] = out[spec.name].astype("float64").where(~missing, self.cat_mean[:, j])
+        return out
+
+
+def mean_imputed(spec: ColumnSpec) -> bool:
+    """A categorical column whose levels are numbers in a float column: imputed by its mean."""
+    return spec.dtype.startswith("float") and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in spec.categories
+    )
+
+
+def _log1p_mean(mu: torch.Tensor, logvar: torch.Tensor, w: torch.Tensor, center, scale) -> torch.Tensor:
+    """Standardised value whose decoded form is E[x] for log1p columns: with y = log1p(x) ~
+    N(c + s mu, s^2 sigma^2) per draw, E[x] = sum_k w_k (exp(c + s mu_k + s^2 sigma_k^2 / 2) - 1)."""
+    log_y = center + scale * mu + 0.5 * scale**2 * logvar.exp()
+    mean_x = (w * torch.expm1(log_y.clamp(max=700.0))).sum(0).clamp(min=0.0)
+    return (torch.log1p(mean_x) - center) / scale
 
 
 def impute(
@@ -95,36 +125,100 @@ def impute(
     k: int = 32,
     batch_size: int = 4096,
     generator: torch.Generator | None = None,
+    schema: TableSchema | None = None,
 ) -> Imputation:
     """Fill missing cells with the self-normalised importance-sampling estimate of E[x_miss | x_obs].
 
     Numerics get the weighted mean of the decoder means (and the mixture's std as spread);
     categoricals the level with the highest weighted probability, never the unknown slot.
+    Given the `schema`, log1p columns get the mean in original units (not expm1 of the mean
+    log), numeric means stay within the range seen in training (the mean of any distribution
+    on that support does; a heavy log-normal tail would not) and numeric-level categoricals
+    get their probability-weighted mean (`cat_mean`).
     """
+    num_specs = schema.numeric if schema else []
+    log1p = [j for j, spec in enumerate(num_specs) if spec.transform == "log1p"]
+    ranges = [(j, spec.standardised_range()) for j, spec in enumerate(num_specs)]
+    ranges = [(j, r) for j, r in ranges if r is not None]
+    cat_levels = [
+        torch.tensor([float(v) for v in spec.categories]) if mean_imputed(spec) else None
+        for spec in (schema.categorical if schema else [])
+    ]
 
     def fn(batch: TableBatch):
         log_w, _, decoded, _ = vae.log_weights(batch, k, generator)
         w = torch.softmax(log_w, 0)  # (k, B)
+        ess = 1.0 / (w**2).sum(0)
         wn = w.unsqueeze(-1)
         mean = (wn * decoded.num_mu).sum(0)
         second = (wn * (decoded.num_mu**2 + decoded.num_logvar.exp())).sum(0)
         spread = (second - mean**2).clamp(min=0).sqrt()
+        for j in log1p:
+            spec = num_specs[j]
+            mean[:, j] = _log1p_mean(
+                decoded.num_mu[..., j], decoded.num_logvar[..., j], w, spec.center, spec.scale
+            )
+        for j, (lo, hi) in ranges:  # a column's mean lies within its support
+            mean[:, j] = mean[:, j].clamp(lo, hi)
         m_num = batch.m_num.bool()
         x_num = torch.where(m_num, batch.x_num, mean)
         spread = torch.where(m_num, torch.zeros_like(spread), spread)
-        codes, conf = [], []
+        codes, conf, means = [], [], []
         for j, logits in enumerate(decoded.cat_logits):
             probs = (wn * F.softmax(logits, -1)).sum(0)[:, :-1]  # drop the unknown slot
             best_p, best = probs.max(-1)
             observed = batch.m_cat[:, j].bool()
             codes.append(torch.where(observed, batch.x_cat[:, j], best))
             conf.append(torch.where(observed, torch.ones_like(best_p), best_p))
+            levels = cat_levels[j] if j < len(cat_levels) else None
+            if levels is None:
+                means.append(torch.full_like(best_p, math.nan))
+            else:
+                expected = (probs @ levels.to(probs)) / probs.sum(-1).clamp(min=1e-12)
+                means.append(torch.where(observed, torch.full_like(best_p, math.nan), expected))
         n = batch.x_num.shape[0]
         x_cat = torch.stack(codes, -1) if codes else batch.x_cat.new_zeros((n, 0))
         cat_conf = torch.stack(conf, -1) if conf else batch.x_num.new_zeros((n, 0))
-        return x_num, spread, x_cat, cat_conf
+        cat_mean = torch.stack(means, -1) if means else batch.x_num.new_zeros((n, 0))
+        return x_num, spread, x_cat, cat_conf, cat_mean, ess
 
     return Imputation(*_run(vae, table, batch_size, fn))
+
+
+class HeldOutSums(NamedTuple):
+    """Sums over a batch of rows with held-out cells (see `heldout_metrics`)."""
+
+    nll: torch.Tensor  # -log p(x_held | x_visible)
+    cells: torch.Tensor  # held cells
+    sq: torch.Tensor  # squared error of the numeric posterior mean, standardised units
+    n_num: torch.Tensor  # held numeric cells
+    wrong: torch.Tensor  # held categorical cells whose likeliest level is wrong
+    n_cat: torch.Tensor  # held categorical cells
+    ess: torch.Tensor  # effective sample size of the importance weights, summed over rows
+
+
+def heldout_metrics(
+    vae: TabularVAE, batch: TableBatch, h_num: torch.Tensor, h_cat: torch.Tensor, k: int
+) -> HeldOutSums:
+    """Scores of held-out cells (mask `h_num`/`h_cat`, hidden from `batch`) given the visible ones.
+
+    The likelihood is the importance-sampled ratio log sum_k w_k p(x_held|z_k) - log sum_k w_k,
+    and the point estimates are the weighted means: the same estimator that `impute` uses.
+    """
+    log_w, _, decoded, _ = vae.log_weights(batch, k)
+    held = TableBatch(batch.x_num, h_num, batch.x_cat, h_cat)
+    ll_held = vae.cell_log_likelihood(held, decoded).sum(-1)  # (k, B)
+    cond = torch.logsumexp(log_w + ll_held, 0) - torch.logsumexp(log_w, 0)
+    w = torch.softmax(log_w, 0)
+    mean = (w.unsqueeze(-1) * decoded.num_mu).sum(0)
+    sq = (((mean - batch.x_num) ** 2) * h_num).sum()
+    wrong = batch.x_num.new_zeros(())
+    for j, logits in enumerate(decoded.cat_logits):
+        best = (w.unsqueeze(-1) * F.softmax(logits, -1)).sum(0)[:, :-1].argmax(-1)
+        wrong = wrong + ((best != batch.x_cat[:, j]).to(h_cat.dtype) * h_cat[:, j]).sum()
+    n_num, n_cat = h_num.sum(), h_cat.sum()
+    ess = (1.0 / (w**2).sum(0)).sum()
+    return HeldOutSums(-cond.sum(), n_num + n_cat, sq, n_num, wrong, n_cat, ess)
 
 
 def embed(vae: TabularVAE, table: EncodedTable, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:

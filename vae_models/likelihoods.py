@@ -10,8 +10,9 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-def bounded_logvar(raw: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Squash an unbounded output into [low, high] smoothly, so variances never blow up."""
+def bounded_logvar(raw: torch.Tensor, low: float | torch.Tensor, high: float) -> torch.Tensor:
+    """Squash an unbounded output into [low, high] smoothly, so variances never blow up; `low`
+    may be a per-column tensor (broadcast over the last dimension)."""
     return low + (high - low) * torch.sigmoid(raw)
 
 

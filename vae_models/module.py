@@ -6,25 +6,35 @@ import lightning as L
 import torch
 
 from vae_models.config import VAEConfig
+from vae_models.inference import heldout_metrics
 from vae_models.vae import TableBatch, TabularVAE
+
+HELDOUT = 1  # index of the held-out-cells validation loader, when there is one
 
 
 class VAEModule(L.LightningModule):
-    """Lightning wrapper: KL warm-up, NaN guard, per-epoch metrics, Adam."""
+    """Lightning wrapper: KL warm-up, NaN guard, per-epoch metrics, Adam.
 
-    def __init__(self, n_num: int, cat_sizes: list[int], config: dict):
+    Validation takes one or two loaders: the validation rows (`val_loss`, `val_bound`, ...) and,
+    second, rows with held-out cells (see `vae_models.data.hold_out_cells`), scored as
+    `val_heldout_nll` (per held cell, given the visible ones), `val_heldout_mse` (numeric,
+    standardised units) and `val_heldout_error` (categorical).
+    """
+
+    def __init__(self, n_num: int, cat_sizes: list[int], config: dict, heldout_k: int = 16):
         super().__init__()
         self.save_hyperparameters()
         self.config = VAEConfig(**config)
         self.vae = TabularVAE(n_num, cat_sizes, self.config)
+        self.heldout_k = heldout_k
         self._train_sums: torch.Tensor | None = None  # (loss * rows, kl * rows, rows) this epoch
 
     def kl_weight(self) -> float:
-        warmup = self.config.kl_warmup_epochs
+        warmup = self.config.kl_warmup
         if warmup == 0 or not self.training or self._trainer is None:
             return self.config.beta
-        steps_per_epoch = max(int(self.trainer.num_training_batches), 1)
-        return self.config.beta * min(1.0, self.global_step / (warmup * steps_per_epoch))
+        steps = max(float(self.trainer.estimated_stepping_batches) * warmup, 1.0)
+        return self.config.beta * min(1.0, self.global_step / steps)
 
     def training_step(self, batch, batch_idx):
         out = self.vae.loss(
@@ -50,13 +60,25 @@ class VAEModule(L.LightningModule):
             self.log("train_kl", kl_sum / rows, on_step=False, on_epoch=True)
         return out.loss
 
-    def validation_step(self, batch, batch_idx):
-        out = self.vae.loss(TableBatch(*batch), kl_weight=self.config.beta)
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         n = batch[0].shape[0]
-        self.log("val_loss", out.loss, on_epoch=True, prog_bar=True, batch_size=n)
-        self.log("val_bound", out.bound.mean(), on_epoch=True, batch_size=n)
-        self.log("val_recon", out.recon.mean(), on_epoch=True, batch_size=n)
-        self.log("val_kl", out.kl.mean(), on_epoch=True, batch_size=n)
+        log = {"on_epoch": True, "add_dataloader_idx": False}
+        if dataloader_idx == HELDOUT:
+            sums = heldout_metrics(self.vae, TableBatch(*batch[:4]), batch[4], batch[5], self.heldout_k)
+            # per-batch means weighted by their cell counts: the epoch value is the per-cell mean
+            for name, total, count in (
+                ("val_heldout_nll", sums.nll, sums.cells),
+                ("val_heldout_mse", sums.sq, sums.n_num),
+                ("val_heldout_error", sums.wrong, sums.n_cat),
+            ):
+                if count > 0:
+                    self.log(name, total / count, batch_size=int(count), prog_bar=name.endswith("nll"), **log)
+            return
+        out = self.vae.loss(TableBatch(*batch), kl_weight=self.config.beta)
+        self.log("val_loss", out.loss, prog_bar=True, batch_size=n, **log)
+        self.log("val_bound", out.bound.mean(), batch_size=n, **log)
+        self.log("val_recon", out.recon.mean(), batch_size=n, **log)
+        self.log("val_kl", out.kl.mean(), batch_size=n, **log)
 
     def configure_optimizers(self):
         return torch.optim.Adam(

@@ -40,7 +40,20 @@ class ColumnSpec:
     transform: str = "identity"  # numeric only: identity | log1p
     center: float = 0.0
     scale: float = 1.0
+    step: float = 0.0  # numeric only: the grid the values lie on (1 for integers); 0 = continuous
+    low: float | None = None  # numeric only: the smallest and largest value seen in training
+    high: float | None = None
     categories: list[Any] = field(default_factory=list)  # categorical / binary levels
+
+    def standardised_range(self) -> tuple[float, float] | None:
+        """[low, high] in the model's standardised units, when known."""
+        if self.low is None or self.high is None:
+            return None
+        bounds = np.array([self.low, self.high], dtype="float64")
+        if self.transform == "log1p":
+            bounds = np.sign(bounds) * np.log1p(np.abs(bounds))
+        lo, hi = (bounds - self.center) / self.scale
+        return float(lo), float(hi)
 
     @property
     def n_classes(self) -> int:
@@ -122,6 +135,15 @@ class TableSchema:
     def names(self) -> list[str]:
         """Modelled columns in the model's cell order: numerics, then categoricals."""
         return [c.name for c in self.numeric] + [c.name for c in self.categorical]
+
+    def logvar_floors(self) -> list[float | None]:
+        """Per numeric column, the log-variance floor in standardised units: log(step^2 / 12),
+        the variance of a uniform over one quantisation step (dequantisation); None when the
+        column is continuous or log-transformed (its grid is not uniform in model space)."""
+        return [
+            math.log((c.step / c.scale) ** 2 / 12.0) if c.step > 0 and c.transform == "identity" else None
+            for c in self.numeric
+        ]
 
     @property
     def input_columns(self) -> list[str]:
@@ -324,17 +346,33 @@ def _center_scale(values: np.ndarray) -> tuple[float, float]:
     return center, scale
 
 
+def _grid_step(values: np.ndarray) -> float:
+    """The step of the grid a column's values lie on (1.0 for counts, 1/16 for 16-level pixels),
+    or 0.0 when they do not lie on one: the smallest gap between distinct values, accepted when
+    every value is a whole number of steps from the smallest (within 1e-6 of a step)."""
+    levels = np.unique(values)
+    if levels.size < 2 or levels.size > 0.5 * values.size:
+        return 0.0
+    step = float(np.diff(levels).min())
+    steps = (levels - levels[0]) / step
+    return step if np.abs(steps - np.round(steps)).max() < 1e-6 else 0.0
+
+
 def _fit_column(series: pd.Series, name: str, kind: str) -> ColumnSpec:
     dtype = str(series.dtype)
     if kind == "numeric":
         values = _numeric_values(series, name)
         values = values[~np.isnan(values)]
+        low, high = (float(values.min()), float(values.max())) if values.size else (None, None)
         transform = "identity"
         if values.size > 2 and values.min() >= 0 and pd.Series(values).skew() > 2.0:
             transform = "log1p"
             values = np.log1p(values)
         center, scale = _center_scale(values)
-        return ColumnSpec(name, kind, dtype, transform=transform, center=center, scale=scale)
+        step = _grid_step(values) if transform == "identity" else 0.0
+        return ColumnSpec(
+            name, kind, dtype, transform=transform, center=center, scale=scale, step=step, low=low, high=high
+        )
     levels = [_py(v) for v in series.dropna().unique()]
     levels.sort(key=lambda v: (str(type(v)), v))
     return ColumnSpec(name, kind, dtype, categories=levels)

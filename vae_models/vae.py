@@ -91,6 +91,17 @@ class TabularVAE(nn.Module):
         else:
             self.encoder = mlp(in_dim, config.hidden_dims, 2 * config.latent_dim, config.dropout)
             self.decoder = mlp(config.latent_dim, config.hidden_dims[::-1], out_dim, config.dropout)
+        skip = config.linear_skip and config.architecture == "mlp"
+        self.decoder_skip = nn.Linear(config.latent_dim, out_dim) if skip else None
+        floor = config.num_logvar_min
+        if floor is not None and len(floor) != n_num:
+            raise ValueError(f"model.num_logvar_min has {len(floor)} values; the table has {n_num} numerics")
+        low = [
+            config.logvar_min if f is None else min(max(config.logvar_min, f), config.logvar_max - 1.0)
+            for f in floor or [None] * n_num
+        ]
+        # derived from the config, so not part of the weights: old bundles load unchanged
+        self.register_buffer("num_logvar_low", torch.tensor(low, dtype=torch.float32), persistent=False)
 
     @property
     def n_cells(self) -> int:
@@ -126,9 +137,11 @@ class TabularVAE(nn.Module):
     def generative(self, z: torch.Tensor) -> Decoded:
         """p(x|z): Gaussian heads for numerics, softmax heads for categoricals."""
         h = self.decoder(z)
+        if self.decoder_skip is not None:
+            h = h + self.decoder_skip(z)
         n = self.n_num
         num_mu, raw = h[..., :n], h[..., n : 2 * n]
-        logvar = bounded_logvar(raw, self.config.logvar_min, self.config.logvar_max)
+        logvar = bounded_logvar(raw, self.num_logvar_low, self.config.logvar_max)
         logits = list(torch.split(h[..., 2 * n :], self.cat_sizes, dim=-1)) if self.cat_sizes else []
         return Decoded(num_mu, logvar, logits)
 
