@@ -44,6 +44,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from benchmarks.datasets import BenchTable, anomaly_construction, load_tables
 from pipelines import ingest, scoring, training
 from pipelines.config import Settings, load_settings
+from pipelines.credentials import redact
 from vae_models import inference
 from vae_models.bundle import ModelBundle
 
@@ -122,7 +123,7 @@ def fit_vae(table: BenchTable, df: pd.DataFrame, *overrides: str) -> ModelBundle
         train_df, val_df = (df[labels == s].reset_index(drop=True) for s in ("train", "val"))
         schema = ingest.table_schema(settings, train_df, None)
         result = training.fit(train_df, val_df, schema, settings)
-    return ModelBundle(result.module.vae, schema)
+    return ModelBundle(result.module.vae, result.schema)
 
 
 def score(bundle: ModelBundle, df: pd.DataFrame, job: str) -> pd.DataFrame:
@@ -233,6 +234,37 @@ def embedding(table: BenchTable) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------- report
 
 
+def _numbers(data: dict, prefix: str = "") -> dict[str, float]:
+    """Every finite number in a nested results dict, keyed by its path (`anomaly/iforest/auroc`)."""
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def log_to_mlflow(results: dict, settings: Settings) -> str:
+    """The results as MLflow runs in the configured tracking store, experiment
+    `vaeflow-quality-benchmark`: one run per benchmark run (the JSON as an artifact) and a
+    nested run per table with every figure as a metric. Returns the parent run's id."""
+    import mlflow
+
+    from pipelines import tracking
+
+    experiment = tracking.ensure_experiment(settings, "vaeflow-quality-benchmark")
+    with mlflow.start_run(experiment_id=experiment, run_name="quality") as parent:
+        mlflow.log_params({"seed": results["seed"], "params": results["params"], "torch": torch.__version__})
+        mlflow.log_metric("seconds", results["seconds"])
+        mlflow.log_dict(results, "quality.json")
+        for name, entry in results["tables"].items():
+            with mlflow.start_run(experiment_id=experiment, run_name=name, nested=True):
+                mlflow.log_params({"table": name, "source": entry["source"], "rows": entry["rows"]})
+                mlflow.log_metrics(_numbers(entry))
+    return parent.info.run_id
+
+
 def _table(title: str, rows: list[dict], cols: list[str], lower_is_better: bool) -> str:
     head = f"\n{title}\n" + " ".join(f"{c:>13}" for c in ["table", *cols, "best peer", "vaeflow/best"])
     lines = [head]
@@ -301,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", help="comma-separated subset of table names")
     parser.add_argument("--out", default="reports/benchmarks/quality.json")
+    parser.add_argument(
+        "--mlflow",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also log the results as MLflow runs in params.yaml's tracking store (MLFLOW_TRACKING_URI overrides)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -341,6 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(out)
     print(f"\nwrote {out}")
+    if args.mlflow:
+        settings = load_settings(PARAMS)
+        run_id = log_to_mlflow(results, settings)
+        print(
+            f"logged MLflow run {run_id} (experiment vaeflow-quality-benchmark) to {redact(settings.tracking_uri)}"
+        )
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def train_bundle(workdir: Path, warehouse: Path, k: int):
     result = training.fit(
         df.iloc[:-20000], df.iloc[-20000:], schema, settings, checkpoint_dir=workdir / "ckpt"
     )
-    bundle = ModelBundle(vae=result.module.vae, schema=schema, extra={"anomaly_threshold": 3.0})
+    bundle = ModelBundle(vae=result.module.vae, schema=result.schema, extra={"anomaly_threshold": 3.0})
     return save_bundle(bundle, workdir / "model"), df
 
 

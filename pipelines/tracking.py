@@ -226,7 +226,7 @@ def _train_in_run(
         attempt = f"{run_tags['vaeflow.snapshot_md5'][:12]}-{run_tags['vaeflow.params_hash'][:12]}"
         ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / attempt
         result = training.fit(train_df, val_df, schema, settings, logger=logger, checkpoint_dir=ckpt_dir)
-        bundle = ModelBundle(vae=result.module.vae, schema=schema)
+        bundle = ModelBundle(vae=result.module.vae, schema=result.schema)
         evaluation = training.evaluate(bundle, eval_df, val_df, settings)
         bundle.extra.update(
             anomaly_threshold=evaluation.anomaly_threshold,
@@ -236,7 +236,7 @@ def _train_in_run(
         metrics = {**evaluation.metrics, "epochs_trained": float(result.epochs)}
         mlflow.log_metrics(metrics)
         mlflow.log_dict(report.to_dict(), "validation/gx_result.json")
-        mlflow.log_dict(schema.to_dict(), "schema.json")
+        mlflow.log_dict(bundle.schema.to_dict(), "schema.json")
         mlflow.set_tag("vaeflow.validation", "passed" if report.success else "failed")
         reports_dir = settings.path("reports") / snapshot.name
         for path in training.make_plots(

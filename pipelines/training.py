@@ -60,6 +60,7 @@ class EpochHistory(Callback):
 @dataclass
 class FitResult:
     module: VAEModule
+    schema: TableSchema  # the schema given, with each log1p column's imputation estimate chosen
     history: list[dict[str, float]]
     best_checkpoint: str | None
     epochs: int
@@ -81,7 +82,8 @@ def fit(
     A share of the observed training cells (`train.heldout_cells`) is hidden from training and
     scored at each validation given the rest of its row: imputation, the model's target, picks
     the checkpoint. If `checkpoint_dir` holds a `last.ckpt` from an interrupted fit (a retried
-    task), training resumes from it: weights, optimiser, step and callback states."""
+    task), training resumes from it: weights, optimiser, step and callback states. The held-out
+    cells also pick each log1p column's imputation estimate (`inference.choose_log1p_estimates`)."""
     cfg = settings.train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     held = hold_out_cells(schema.encode(train_df), cfg.heldout_cells, seed=cfg.seed)
@@ -159,8 +161,12 @@ def fit(
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     module.cpu().eval()
+    if held.cells:
+        schema = inference.choose_log1p_estimates(
+            module.vae, held, schema, k=cfg.heldout_k, max_rows=cfg.heldout_rows, seed=cfg.seed
+        )
     rows = history.rows()
-    return FitResult(module, rows, best, len(rows))
+    return FitResult(module, schema, rows, best, len(rows))
 
 
 @dataclass

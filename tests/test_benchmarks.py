@@ -37,3 +37,38 @@ def test_design_standardises_with_full_table_statistics():
     assert np.isnan(num).any()  # real nulls stay missing for the imputers
     onehot = d.matrix[:, len(d.num_cols) :]
     assert set(np.unique(onehot)) <= {0.0, 1.0}
+
+
+def test_quality_results_are_logged_as_nested_mlflow_runs(tmp_path):
+    import mlflow
+
+    from benchmarks.quality import log_to_mlflow
+    from pipelines.config import load_settings
+    from tests.conftest import small_params
+
+    uri = f"sqlite:///{tmp_path}/bench.db"
+    settings = load_settings(small_params(tmp_path), [f"mlflow.tracking_uri={uri}"])
+    results = {
+        "seed": 0,
+        "params": "params.yaml",
+        "seconds": 12.5,
+        "tables": {
+            "wine": {
+                "source": "scikit-learn load_wine",
+                "rows": 178,
+                "columns": 13,
+                "impute_mcar20": {"vaeflow": 0.7, "mice": 0.72},
+                "anomaly": {"iforest": {"auroc": 0.85, "auprc": float("nan")}},
+            }
+        },
+    }
+    parent = log_to_mlflow(results, settings)
+    client = mlflow.MlflowClient(uri)
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"
+    )
+    assert [r.data.tags["mlflow.runName"] for r in children] == ["wine"]
+    metrics = children[0].data.metrics
+    assert metrics["impute_mcar20/vaeflow"] == 0.7 and metrics["anomaly/iforest/auroc"] == 0.85
+    assert "anomaly/iforest/auprc" not in metrics  # a NaN is left in the JSON, not logged as a number
+    assert client.get_run(parent).data.metrics["seconds"] == 12.5

@@ -51,7 +51,10 @@ def pinned_vae(
 
 def test_log1p_column_is_imputed_with_its_mean_in_original_units():
     c, s, mu, logvar = 1.0, 0.8, 0.5, math.log(0.5)
-    schema = TableSchema([ColumnSpec("amount", "numeric", "float64", transform="log1p", center=c, scale=s)])
+    spec = ColumnSpec(
+        "amount", "numeric", "float64", transform="log1p", center=c, scale=s, lognormal_mean=True
+    )
+    schema = TableSchema([spec])
     vae = pinned_vae([mu], [logvar])
     table = schema.encode(pd.DataFrame({"amount": [np.nan, np.nan]}))
     filled = inference.impute(vae, table, k=8, schema=schema).to_frame(schema)["amount"]
@@ -63,7 +66,15 @@ def test_log1p_column_is_imputed_with_its_mean_in_original_units():
 
 def test_imputed_means_stay_within_the_range_seen_in_training():
     spec = ColumnSpec(
-        "pixel", "numeric", "float64", transform="log1p", center=0.5, scale=0.3, low=0.0, high=16.0
+        "pixel",
+        "numeric",
+        "float64",
+        transform="log1p",
+        center=0.5,
+        scale=0.3,
+        low=0.0,
+        high=16.0,
+        lognormal_mean=True,
     )
     schema = TableSchema([spec])
     vae = pinned_vae([2.0], [5.0])  # a wide log-normal: its mean, exp(0.5 + 0.6 + 6.7) - 1, is ~2,400
@@ -72,6 +83,25 @@ def test_imputed_means_stay_within_the_range_seen_in_training():
     assert filled.iloc[0] == pytest.approx(16.0)
     fitted = infer_schema(pd.DataFrame({"v": [3.0, -1.0, 7.5, np.nan]})).numeric[0]
     assert (fitted.low, fitted.high) == (-1.0, 7.5)
+
+
+@pytest.mark.parametrize("zero_inflated", [False, True])
+def test_each_log1p_column_keeps_the_estimate_that_imputes_its_held_out_cells_better(zero_inflated):
+    c, s, mu, logvar = 1.0, 0.8, 0.5, math.log(1.5)
+    spec = ColumnSpec("amount", "numeric", "float64", transform="log1p", center=c, scale=s)
+    schema = TableSchema([spec, ColumnSpec("other", "numeric", "float64")])
+    vae = pinned_vae([mu, 0.0], [logvar, 0.0])
+    rng = np.random.default_rng(4)
+    log_amount = c + s * (mu + math.exp(logvar / 2) * rng.normal(size=4000))  # the model's own law
+    amount = np.expm1(log_amount)
+    if zero_inflated:  # most cells are really 0: the log-normal's tail overshoots them
+        amount = np.where(rng.random(4000) < 0.6, 0.0, amount)
+    table = schema.encode(pd.DataFrame({"amount": amount, "other": rng.normal(size=4000)}))
+    held = hold_out_cells(table, 0.3, seed=0)
+    chosen = inference.choose_log1p_estimates(vae, held, schema, k=4)
+    assert chosen.numeric[0].lognormal_mean is (not zero_inflated)
+    assert chosen.numeric[1] == schema.numeric[1]  # other columns untouched
+    assert schema.numeric[0].lognormal_mean is False  # the given schema is not changed
 
 
 def test_numeric_two_level_column_is_imputed_with_its_probability():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from vae_models.data import HeldOut
 from vae_models.schema import ColumnSpec, EncodedTable, TableSchema
 from vae_models.vae import TableBatch, TabularVAE
 
@@ -131,13 +132,13 @@ def impute(
 
     Numerics get the weighted mean of the decoder means (and the mixture's std as spread);
     categoricals the level with the highest weighted probability, never the unknown slot.
-    Given the `schema`, log1p columns get the mean in original units (not expm1 of the mean
-    log), numeric means stay within the range seen in training (the mean of any distribution
+    Given the `schema`, log1p columns marked `lognormal_mean` (see `choose_log1p_estimates`)
+    get the mean in original units (not expm1 of the mean log), numeric means stay within the range seen in training (the mean of any distribution
     on that support does; a heavy log-normal tail would not) and numeric-level categoricals
     get their probability-weighted mean (`cat_mean`).
     """
     num_specs = schema.numeric if schema else []
-    log1p = [j for j, spec in enumerate(num_specs) if spec.transform == "log1p"]
+    log1p = [j for j, spec in enumerate(num_specs) if spec.transform == "log1p" and spec.lognormal_mean]
     ranges = [(j, spec.standardised_range()) for j, spec in enumerate(num_specs)]
     ranges = [(j, r) for j, r in ranges if r is not None]
     cat_levels = [
@@ -195,6 +196,42 @@ class HeldOutSums(NamedTuple):
     wrong: torch.Tensor  # held categorical cells whose likeliest level is wrong
     n_cat: torch.Tensor  # held categorical cells
     ess: torch.Tensor  # effective sample size of the importance weights, summed over rows
+
+
+def choose_log1p_estimates(
+    vae: TabularVAE, held: HeldOut, schema: TableSchema, k: int = 16, max_rows: int = 20_000, seed: int = 0
+) -> TableSchema:
+    """The schema with each log1p column's point estimate chosen on its held-out cells: the
+    log-normal mean, exp(mu + sigma^2/2) - 1 per draw (the best guess in squared error when the
+    model's spread is right), or expm1 of the mean log (robust when a zero-inflated or
+    heavy-tailed column makes that spread wrong), whichever imputes them with the smaller
+    squared error in the column's own units."""
+    log1p = [j for j, spec in enumerate(schema.numeric) if spec.transform == "log1p"]
+    rows = np.flatnonzero(held.h_num[:, log1p].sum(1) > 0) if log1p else np.array([], dtype=int)
+    if rows.size == 0:
+        return schema
+    if rows.size > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    v = held.visible
+    table = EncodedTable(v.x_num[rows], v.m_num[rows], v.x_cat[rows], v.m_cat[rows])
+    truth = schema.decode(table.x_num, table.x_cat)
+    errors = {}
+    for flag in (True, False):
+        trial = _with_log1p_means(schema, dict.fromkeys(log1p, flag))
+        gen = torch.Generator(device=next(vae.parameters()).device).manual_seed(seed)  # paired draws
+        filled = impute(vae, table, k=k, generator=gen, schema=trial).to_frame(trial)
+        for j in log1p:
+            name, hidden = schema.numeric[j].name, held.h_num[rows, j] > 0
+            diff = filled[name].to_numpy("float64")[hidden] - truth[name].to_numpy("float64")[hidden]
+            errors[j, flag] = float(np.mean(diff**2)) if hidden.any() else math.inf
+    return _with_log1p_means(schema, {j: errors[j, True] < errors[j, False] for j in log1p})
+
+
+def _with_log1p_means(schema: TableSchema, flags: dict[int, bool]) -> TableSchema:
+    numeric = schema.numeric
+    chosen = {numeric[j].name: flag for j, flag in flags.items()}
+    columns = [replace(c, lognormal_mean=chosen[c.name]) if c.name in chosen else c for c in schema.columns]
+    return replace(schema, columns=columns)
 
 
 def heldout_metrics(

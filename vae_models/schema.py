@@ -43,6 +43,7 @@ class ColumnSpec:
     step: float = 0.0  # numeric only: the grid the values lie on (1 for integers); 0 = continuous
     low: float | None = None  # numeric only: the smallest and largest value seen in training
     high: float | None = None
+    lognormal_mean: bool = False  # log1p only: impute the log-normal mean (else expm1 of the mean log)
     categories: list[Any] = field(default_factory=list)  # categorical / binary levels
 
     def standardised_range(self) -> tuple[float, float] | None:
