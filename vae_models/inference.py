@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from vae_models.data import HeldOut
 from vae_models.schema import ColumnSpec, EncodedTable, TableSchema
-from vae_models.vae import TableBatch, TabularVAE
+from vae_models.vae import Decoded, TableBatch, TabularVAE
 
 
 def _batches(vae: TabularVAE, table: EncodedTable, batch_size: int) -> Iterator[TableBatch]:
@@ -100,8 +100,8 @@ class Imputation:
         out = schema.decode(self.x_num, self.x_cat)
         for j, spec in enumerate(schema.categorical):
             if mean_imputed(spec):
-                missing = ~np.isnan(self.cat_mean[:, j])
-                out[spec.name] = out[spec.name].astype("float64").where(~missing, self.cat_mean[:, j])
+                imputed = ~np.isnan(self.cat_mean[:, j])
+                out[spec.name] = out[spec.name].astype("float64").where(~imputed, self.cat_mean[:, j])
         return out
 
 
@@ -120,6 +120,20 @@ def _log1p_mean(mu: torch.Tensor, logvar: torch.Tensor, w: torch.Tensor, center,
     return (torch.log1p(mean_x) - center) / scale
 
 
+def _weighted_estimates(
+    log_w: torch.Tensor, decoded: Decoded
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """From importance log-weights (k, B) and the decoder's outputs: the normalised weights, the
+    weighted numeric means (B, n_num) and each categorical's weighted level probabilities (B,
+    levels), the unknown slot dropped: the self-normalised estimates `impute` and
+    `heldout_metrics` share."""
+    w = torch.softmax(log_w, 0)
+    wn = w.unsqueeze(-1)
+    mean = (wn * decoded.num_mu).sum(0)
+    probs = [(wn * F.softmax(logits, -1)).sum(0)[:, :-1] for logits in decoded.cat_logits]
+    return w, mean, probs
+
+
 def impute(
     vae: TabularVAE,
     table: EncodedTable,
@@ -133,9 +147,10 @@ def impute(
     Numerics get the weighted mean of the decoder means (and the mixture's std as spread);
     categoricals the level with the highest weighted probability, never the unknown slot.
     Given the `schema`, log1p columns marked `lognormal_mean` (see `choose_log1p_estimates`)
-    get the mean in original units (not expm1 of the mean log), numeric means stay within the range seen in training (the mean of any distribution
-    on that support does; a heavy log-normal tail would not) and numeric-level categoricals
-    get their probability-weighted mean (`cat_mean`).
+    get the mean in original units (not expm1 of the mean log), numeric means stay within the
+    range seen in training (the mean of any distribution on that support does; a heavy
+    log-normal tail would not) and numeric-level categoricals get their probability-weighted
+    mean (`cat_mean`).
     """
     num_specs = schema.numeric if schema else []
     log1p = [j for j, spec in enumerate(num_specs) if spec.transform == "log1p" and spec.lognormal_mean]
@@ -148,11 +163,9 @@ def impute(
 
     def fn(batch: TableBatch):
         log_w, _, decoded, _ = vae.log_weights(batch, k, generator)
-        w = torch.softmax(log_w, 0)  # (k, B)
+        w, mean, cat_probs = _weighted_estimates(log_w, decoded)  # w: (k, B)
         ess = 1.0 / (w**2).sum(0)
-        wn = w.unsqueeze(-1)
-        mean = (wn * decoded.num_mu).sum(0)
-        second = (wn * (decoded.num_mu**2 + decoded.num_logvar.exp())).sum(0)
+        second = (w.unsqueeze(-1) * (decoded.num_mu**2 + decoded.num_logvar.exp())).sum(0)
         spread = (second - mean**2).clamp(min=0).sqrt()
         for j in log1p:
             spec = num_specs[j]
@@ -165,8 +178,7 @@ def impute(
         x_num = torch.where(m_num, batch.x_num, mean)
         spread = torch.where(m_num, torch.zeros_like(spread), spread)
         codes, conf, means = [], [], []
-        for j, logits in enumerate(decoded.cat_logits):
-            probs = (wn * F.softmax(logits, -1)).sum(0)[:, :-1]  # drop the unknown slot
+        for j, probs in enumerate(cat_probs):
             best_p, best = probs.max(-1)
             observed = batch.m_cat[:, j].bool()
             codes.append(torch.where(observed, batch.x_cat[:, j], best))
@@ -246,12 +258,11 @@ def heldout_metrics(
     held = TableBatch(batch.x_num, h_num, batch.x_cat, h_cat)
     ll_held = vae.cell_log_likelihood(held, decoded).sum(-1)  # (k, B)
     cond = torch.logsumexp(log_w + ll_held, 0) - torch.logsumexp(log_w, 0)
-    w = torch.softmax(log_w, 0)
-    mean = (w.unsqueeze(-1) * decoded.num_mu).sum(0)
+    w, mean, cat_probs = _weighted_estimates(log_w, decoded)
     sq = (((mean - batch.x_num) ** 2) * h_num).sum()
     wrong = batch.x_num.new_zeros(())
-    for j, logits in enumerate(decoded.cat_logits):
-        best = (w.unsqueeze(-1) * F.softmax(logits, -1)).sum(0)[:, :-1].argmax(-1)
+    for j, probs in enumerate(cat_probs):
+        best = probs.argmax(-1)
         wrong = wrong + ((best != batch.x_cat[:, j]).to(h_cat.dtype) * h_cat[:, j]).sum()
     n_num, n_cat = h_num.sum(), h_cat.sum()
     ess = (1.0 / (w**2).sum(0)).sum()
