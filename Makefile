@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 # Where pip finds torch (GPU users: TORCH_INDEX=https://download.pytorch.org/whl/cu128 TORCH=torch)
 TORCH_INDEX ?=
+# Extra pytest arguments for `make test`, e.g. PYTEST_ARGS='-m "not slow"'
+PYTEST_ARGS ?=
 
 .PHONY: setup run test lint bench clean
 
@@ -20,9 +22,11 @@ setup: $(BIN)/vaeflow ## create .venv and install vaeflow (torch first, pinned)
 run: setup ## the whole pipeline on the embedded default (DuckDB + SQLite MLflow + ephemeral Prefect)
 	$(BIN)/vaeflow run
 
+# PostgreSQL for the tests marked `postgres`: VAEFLOW_TEST_PG, else the server on 127.0.0.1:5432,
+# else a throwaway one (tests/pg_server.py). Skip them: make test PYTEST_ARGS='-m "not postgres"'
 test: setup ## lint and the whole test suite (slow end-to-end tests included)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/pg_server.py $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -127,17 +127,34 @@ def train(
     typer.echo(json.dumps(out["metrics"], indent=2, sort_keys=True))
 
 
+Reason = Annotated[
+    str | None,
+    typer.Option("--reason", help="why (recorded in the registry with your user name and the time)"),
+]
+
+
 @app.command()
 def promote(
     name: Annotated[str, typer.Option("--name", help="registered model name")],
     version: Annotated[str | None, typer.Option("--version", help="default: the latest version")] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="make it champion without the metric gate, also after a rollback (needs --reason; "
+            "a version that failed validation is still refused)",
+        ),
+    ] = False,
+    reason: Reason = None,
     params: Params = None,
     sets: Sets = None,
 ) -> None:
-    """Apply the promotion gate to a version (default: the latest)."""
+    """Apply the promotion gate to a version (default: the latest); a rolled-back version needs --force."""
     from pipelines import registry
     from pipelines.names import model_name, slug
 
+    if force and not (reason and reason.strip()):
+        raise VaeflowError('--force needs --reason "why": it is recorded in the registry')
     settings = _settings(params, sets)
     model_name(name)  # also when --version is given: "invalid model name", not "malformed URI"
     client = registry.get_client(settings)
@@ -149,11 +166,13 @@ def promote(
         settings.path(settings.snapshot.dir) / snapshot if snapshot and snapshot == slug(snapshot) else None
     )
     score = None
-    if snap_path is not None and snap_path.is_dir():  # re-score both on the challenger's eval split
+    if not force and snap_path is not None and snap_path.is_dir():  # re-score both on its eval split
         from pipelines.stages import rescorer
 
         score = rescorer(settings, str(snap_path), name)
-    decision = registry.promote(client, name, version, settings, score)
+    decision = registry.promote(
+        client, name, version, settings, score, force=force, reason=reason, by=registry.current_user()
+    )
     typer.echo(
         f"{name} v{version}: {'promoted to champion' if decision.promoted else 'not promoted'} ({decision.reason})"
     )
@@ -162,15 +181,26 @@ def promote(
 @app.command()
 def rollback(
     name: Annotated[str, typer.Option("--name", help="registered model name")],
+    reason: Reason = None,
     params: Params = None,
     sets: Sets = None,
 ) -> None:
-    """Move the champion alias back to the previous champion."""
+    """Move the champion alias back to the previous champion; the version rolled back stays out
+    of promotion until `vaeflow promote --force --reason`."""
     from pipelines import registry
+    from pipelines.names import model_name
 
+    model_name(name)  # a bad name is the first thing to hear about
+    if not (reason and reason.strip()):
+        raise VaeflowError('rollback needs --reason "why": it is recorded in the registry')
     settings = _settings(params, sets)
-    old, new = registry.rollback(registry.get_client(settings), name, settings)
-    typer.echo(f"{name}: champion moved from v{old} back to v{new}")
+    old, new = registry.rollback(
+        registry.get_client(settings), name, settings, reason=reason, by=registry.current_user()
+    )
+    typer.echo(
+        f"{name}: champion moved from v{old} back to v{new}; v{old} is marked rolled back and is not "
+        f'promoted again until `vaeflow promote --name {name} --version {old} --force --reason "why"`'
+    )
 
 
 @app.command()
@@ -222,10 +252,16 @@ def serve(params: Params = None, sets: Sets = None) -> None:
     orchestration.quiet_console(debug=_DEBUG)
     settings = _settings(params, sets)
     parameters = {"params": str(Path(params).resolve()) if params else None, "overrides": sets}
+    schedule = settings.schedule
     prefect_serve(
-        retrain.to_deployment(name="nightly", cron=settings.schedule.retrain_cron, parameters=parameters),
-        batch_score.to_deployment(name="nightly", cron=settings.schedule.score_cron, parameters=parameters),
-        monitor.to_deployment(name="hourly", cron=settings.schedule.monitor_cron, parameters=parameters),
+        retrain.to_deployment(name="nightly", cron=schedule.retrain_cron, parameters=parameters),
+        batch_score.to_deployment(
+            name="nightly",
+            cron=schedule.score_cron,
+            triggers=orchestration.after_retrain() if schedule.score_after_retrain else None,
+            parameters=parameters,
+        ),
+        monitor.to_deployment(name="hourly", cron=schedule.monitor_cron, parameters=parameters),
     )
 
 
@@ -251,7 +287,7 @@ def _configured_snapshot(settings):
 
 @stage_app.command("validate")
 def stage_validate(params: Params = None, sets: Sets = None) -> None:
-    """Validate the configured source's snapshot; writes reports/NAME/validation.json."""
+    """Validate the configured source's snapshot; writes reports/NAME/validation.json and data_docs/."""
     import pandas as pd
 
     from pipelines import atomic, ingest, validation
@@ -276,7 +312,7 @@ def stage_train(params: Params = None, sets: Sets = None) -> None:
     snap = _configured_snapshot(settings)
     report_path = settings.path("reports") / snap.name / "validation.json"
     data = json.loads(report_path.read_text())
-    report = validation.ValidationReport(data["suite"], data["data"], data["success"], [])
+    report = validation.ValidationReport.from_dict(data)
     trained = stages.direct(stages.train, settings, str(snap.path), settings.mlflow.model_name, report)
     decision = stages.direct(stages.promote, settings, trained.name, trained.version, str(snap.path))
     typer.echo(f"registered {trained.name} v{trained.version}; {decision.reason}")
@@ -320,6 +356,7 @@ _ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "View run at <URI>" would print credentials
     "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
@@ -356,7 +393,7 @@ def main() -> None:
     for name, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "alembic", "great_expectations"):
+    for noisy in ("httpx", "alembic", "great_expectations", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)  # so runs end KILLED and temp files go
     code = 0

@@ -7,11 +7,12 @@ the CLI, the Prefect flows and `dvc repro` see the same files wherever they star
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines import credentials
 from pipelines.errors import ConfigError
@@ -65,11 +66,56 @@ class SchemaConfig(_Section):
 
 
 class ValidationConfig(_Section):
+    """How `vaeflow validate --rebuild` derives a GX suite from reference data (`pipelines/validation.py`).
+
+    Blocking (GX severity critical): column set, row count, types, null-fraction ceilings,
+    categorical domains and a non-negative bound. Warning only: value ranges and medians
+    of the reference distribution; distribution change is the drift monitor's and the
+    promotion gate's to judge.
+    """
+
     suite_dir: str = "gx/expectations"
-    null_fraction_slack: float = Field(0.05, ge=0.0, le=1.0)
-    range_slack: float = Field(0.25, ge=0.0, description="widen reference ranges by this share")
-    range_mostly: float = Field(0.999, gt=0.0, le=1.0)
-    domain_mostly: float = Field(0.99, gt=0.0, le=1.0)
+    null_fraction_slack: float = Field(
+        0.05, ge=0.0, le=1.0, description="null-fraction ceiling: the reference's fraction plus this"
+    )
+    domain_mostly: float = Field(
+        0.99, gt=0.0, le=1.0, description="share of values that must be among the reference categories"
+    )
+    bound_mostly: float = Field(
+        0.999, gt=0.0, le=1.0, description="share of values >= 0 in a column whose reference has no negative"
+    )
+    range_quantile: float = Field(
+        0.01, ge=0.0, lt=0.5, description="warning range: from the reference quantiles q and 1-q ..."
+    )
+    range_widen: float = Field(
+        0.5, ge=0.0, description="... widened on each side by this multiple of their distance"
+    )
+    range_mostly: float = Field(
+        0.99, gt=0.0, le=1.0, description="share of values the warning range must hold"
+    )
+    median_tolerance: float | None = Field(
+        0.1,
+        gt=0.0,
+        description="warn when the median moves by more than this multiple of the q..1-q distance; null: off",
+    )
+    data_docs: bool = Field(
+        True, description="render GX Data Docs to reports/NAME/data_docs; training logs them to its run"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_range_slack(cls, data: Any) -> Any:
+        """`range_slack` (ranges widened by a share of min..max) is gone: accepted, ignored, warned."""
+        if isinstance(data, dict) and "range_slack" in data:
+            data = {k: v for k, v in data.items() if k != "range_slack"}
+            warnings.warn(
+                "validation.range_slack is ignored: value ranges are now warnings built from the reference "
+                "quantiles (validation.range_quantile, range_widen, range_mostly); remove it from params.yaml "
+                "and rebuild the suite with `vaeflow validate --rebuild`",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return data
 
 
 class TrainConfig(_Section):
@@ -125,8 +171,18 @@ class MLflowConfig(_Section):
 
 
 class PromotionConfig(_Section):
+    """The promotion gate: a challenger replaces the champion only when its improvement on
+    `metric` exceeds `se_multiplier` x the standard error of that improvement plus
+    `min_improvement` (see `pipelines/registry.py::gate`)."""
+
     metric: str = Field("eval_nll_per_cell", description="lower is better")
-    min_improvement: float = Field(0.0, ge=0.0, description="required drop in the metric")
+    se_multiplier: float = Field(
+        2.0,
+        ge=0.0,
+        description="required improvement in standard errors of the difference (paired per eval row "
+        "when both versions are re-scored on one snapshot); 0: no noise allowance",
+    )
+    min_improvement: float = Field(0.0, ge=0.0, description="fixed extra margin on top of the SE allowance")
     lock_url: str | None = Field(
         None, description="PostgreSQL URL for the promotion lock when MLflow is a tracking server"
     )
@@ -170,7 +226,8 @@ class ScheduleConfig(_Section):
     """Cron schedules of the Prefect deployments created by `vaeflow serve`."""
 
     retrain_cron: str = "0 2 * * *"
-    score_cron: str = "30 3 * * *"
+    score_cron: str | None = None  # a cron of its own for batch_score (besides the trigger below)
+    score_after_retrain: bool = True  # batch_score runs when a retrain flow run completes
     monitor_cron: str = "0 * * * *"
 
 

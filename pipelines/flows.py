@@ -10,15 +10,19 @@ Tasks are called directly in the flow, in its main thread (Lightning's signal ha
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from prefect import Task, flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from pipelines import run_summaries as summaries
 from pipelines import scoring, stages
 from pipelines.config import Settings, load_settings
-from pipelines.errors import is_transient
+from pipelines.errors import DataValidationError, is_transient
 
 
 def _transient(task, task_run, state) -> bool:
@@ -45,6 +49,7 @@ def as_task(fn: Callable) -> Task:
     return task(
         fn,
         name=fn.stage_name,
+        task_run_name=fn.run_name,
         cache_policy=NO_CACHE,
         retries=policy.retries,
         retry_delay_seconds=list(policy.delays) or 0,
@@ -56,8 +61,46 @@ TASKS: dict[Callable, Task] = {fn: as_task(fn) for fn in stages.STAGES}
 
 
 def _as_task_run(fn: Callable, *args: Any) -> Any:
-    """The `step` of the compositions inside a flow: each stage a task run."""
-    return TASKS[fn](*args)
+    """The `step` of the compositions inside a flow: each stage a task run, its result (or a
+    failed validation) published as an artifact of the flow run."""
+    try:
+        result = TASKS[fn](*args)
+    except DataValidationError as exc:
+        data = Path(args[1]).name if fn is stages.validate else fn.stage_name
+        _markdown(
+            summaries.artifact_key("validation", data), summaries.failed_validation_markdown(data, str(exc))
+        )
+        raise
+    publish(fn, result)
+    return result
+
+
+def _markdown(key: str, text: str) -> None:
+    create_markdown_artifact(markdown=text, key=key, description=text.splitlines()[0].lstrip("# "))
+
+
+def publish(fn: Callable, result: Any) -> None:
+    """A stage's result as a Prefect artifact: the GX result, the registered version, the
+    promotion decision, the drift report (scored tables: `batch_score`)."""
+    if fn is stages.validate:
+        report = result.to_dict()
+        _markdown(summaries.artifact_key("validation", report["data"]), summaries.validation_markdown(report))
+    elif fn is stages.train:
+        _markdown(
+            summaries.artifact_key("training", result.name),
+            summaries.training_markdown(result.name, result.version, result.run_id, result.metrics),
+        )
+    elif fn is stages.promote:
+        decision = asdict(result)
+        _markdown(
+            summaries.artifact_key("promotion", decision["name"]), summaries.promotion_markdown(decision)
+        )
+    elif fn is stages.drift_report:
+        model = f"{result['model_name']} v{result['model_version']}"
+        _markdown(
+            summaries.artifact_key("drift", result["model_name"]),
+            summaries.drift_markdown(result["report"], model),
+        )
 
 
 def _run_tags() -> dict[str, str]:
@@ -122,7 +165,7 @@ def batch_score(
 ) -> list[dict]:
     """Score one table with the champion: each job writes its own output table atomically."""
     settings = load_settings(params, overrides)
-    return stages.batch_score(
+    results = stages.batch_score(
         settings,
         model_uri=model_uri,
         source=source,
@@ -131,6 +174,13 @@ def batch_score(
         step=_as_task_run,
         run_partitions=_on_dask,
     )
+    table = summaries.scored_table(results)
+    create_table_artifact(
+        table=table,
+        key=summaries.artifact_key("scored", source or settings.data.source),
+        description=", ".join(f"{r['job']}: {r['rows']} rows -> {r['destination']}" for r in table),
+    )
+    return results
 
 
 @flow(name="monitor", log_prints=True)

@@ -237,3 +237,17 @@ def _tail(path: Path, lines: int = 5) -> str:
     with contextlib.suppress(OSError):
         return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     return "(no output)"
+
+
+def after_retrain() -> list:
+    """A deployment trigger: run when a `retrain` flow run completes (scheduled, triggered by
+    `monitor`, or started by hand), so batch scoring uses the model that retrain just promoted."""
+    from prefect.events import DeploymentEventTrigger
+
+    return [
+        DeploymentEventTrigger(
+            name="score after retrain",
+            expect={"prefect.flow-run.Completed"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
+        )
+    ]

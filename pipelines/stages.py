@@ -48,11 +48,12 @@ NETWORK = Retry(2, (2, 10))  # stages that touch the warehouse or the tracking s
 TRAINING = Retry(1, (5,))
 
 
-def stage(name: str, retry: Retry = Retry()) -> Callable[[Callable], Callable]:
-    """Mark a function as a pipeline stage with a name and a retry policy."""
+def stage(name: str, retry: Retry = Retry(), run_name: str | None = None) -> Callable[[Callable], Callable]:
+    """Mark a function as a pipeline stage with a name, a retry policy and the name of each
+    of its runs (a template of its parameters, e.g. "score-{job}"; default: the name)."""
 
     def mark(fn: Callable) -> Callable:
-        fn.stage_name, fn.retry = name, retry
+        fn.stage_name, fn.retry, fn.run_name = name, retry, run_name or name
         return fn
 
     return mark
@@ -99,7 +100,7 @@ def validate(settings: Settings, snapshot_path: str) -> validation.ValidationRep
     return report
 
 
-@stage("train-evaluate-register", TRAINING)
+@stage("train-evaluate-register", TRAINING, run_name="train-{model_name}")
 def train(
     settings: Settings,
     snapshot_path: str,
@@ -115,48 +116,44 @@ def train(
     )
 
 
-def rescorer(settings: Settings, snapshot_path: str, name: str) -> Callable[[str], float]:
+def rescorer(settings: Settings, snapshot_path: str, name: str) -> Callable[[str], registry.Measurement]:
     """`score(version)`: the promotion metric of a registered version, computed on this
-    snapshot's frozen evaluation split (the champion is re-scored, not trusted from its tags)."""
+    snapshot's frozen evaluation split (the champion is re-scored, not trusted from its tags),
+    with its per-row values, so the gate's SE is paired over the same rows."""
     from pipelines import training
 
     snap = ingest.Snapshot(Path(snapshot_path))
     _, val_df, eval_df = training.snapshot_frames(snap)
     metric = settings.promotion.metric
 
-    def score(version: str) -> float:
+    def score(version: str) -> registry.Measurement:
         try:
             bundle, _ = registry.load_bundle(settings, f"models:/{name}/{version}")
-            return training.evaluate(bundle, eval_df, val_df, settings).metrics[metric]
+            evaluation = training.evaluate(bundle, eval_df, val_df, settings)
         except (DataError, SchemaError, RegistryError) as exc:
             # the old model cannot be verified or cannot read today's table: it cannot stay champion
             log.warning("v%s cannot score the evaluation snapshot: %s", version, exc)
-            return float("inf")
+            return registry.Measurement(float("inf"))
+        return registry.Measurement(
+            evaluation.metrics[metric],
+            rows=evaluation.per_row.get(metric),
+            se=evaluation.metrics.get(f"{metric}_se"),
+        )
 
     return score
 
 
-@stage("promote", NETWORK)
+@stage("promote", NETWORK, run_name="promote-{name}-v{version}")
 def promote(settings: Settings, name: str, version: str, snapshot_path: str) -> registry.PromotionDecision:
     """Apply the promotion gate to `version`, both versions re-scored on this snapshot."""
     client = registry.get_client(settings)
-    decision = registry.promote(
-        client, name, version, settings, score=rescorer(settings, snapshot_path, name)
-    )
-    log.info(
-        "promotion of %s v%s: %s (%s)",
-        name,
-        version,
-        "PROMOTED" if decision.promoted else "REFUSED",
-        decision.reason,
-    )
-    return decision
+    return registry.promote(client, name, version, settings, score=rescorer(settings, snapshot_path, name))
 
 
 DaskRunner = Callable[[Settings, str, str, str, list[scoring.Partition]], None]
 
 
-@stage("score", NETWORK)
+@stage("score", NETWORK, run_name="score-{job}")
 def score(
     settings: Settings,
     job: str,
@@ -197,7 +194,7 @@ def score(
     return result
 
 
-@stage("score-partition", NETWORK)
+@stage("score-partition", NETWORK, run_name="score-{job}-part-{part.index}")
 def score_partition(
     settings: Settings, job: str, model_uri: str, source: str, part: scoring.Partition
 ) -> int:
@@ -261,7 +258,13 @@ def drift_report(settings: Settings, source: str, run_tags: dict[str, str] | Non
         )
         mlflow.log_dict(report.to_dict(), "drift/report.json")
     log.info(report.text())
-    return {"report": report.to_dict(), "drifted": report.drifted, "mlflow_run_id": run.info.run_id}
+    return {
+        "report": report.to_dict(),
+        "drifted": report.drifted,
+        "mlflow_run_id": run.info.run_id,
+        "model_name": name,
+        "model_version": resolved.version,
+    }
 
 
 # ---------------------------------------------------------------- compositions

@@ -12,18 +12,17 @@ import os
 import shutil
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
-from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
-from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from pipelines import atomic, names, registry, training
+from pipelines import atomic, names, plots, registry, training
 from pipelines.config import Settings
 from pipelines.credentials import redact
 from pipelines.errors import TransientError
@@ -33,6 +32,11 @@ from pipelines.validation import ValidationReport
 from vae_models.bundle import ModelBundle, save_bundle
 
 log = logging.getLogger(__name__)
+# the signature types inputs loosely on purpose (see model_signature): MLflow's hint about
+# integer columns and missing values does not apply
+warnings.filterwarnings(
+    "ignore", message="Hint: Inferred schema contains integer column", category=UserWarning
+)
 CODE_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
@@ -131,17 +135,106 @@ def git_commit(root: Path) -> str | None:
 
 
 def _pip_requirements() -> list[str]:
-    names = ["torch", "lightning", "numpy", "pandas", "pyarrow", "pydantic", "mlflow"]
-    return [f"{n}=={md.version(n)}" for n in names]
+    """What the logged model needs to load and predict (its code is `vae_models`, shipped with
+    it): installable pins, without a local build tag such as torch's `+cpu`."""
+    names = ["torch", "numpy", "pandas", "pydantic", "mlflow"]
+    return [f"{n}=={md.version(n).split('+')[0]}" for n in names]
 
 
-def model_signature(bundle: ModelBundle, example: pd.DataFrame) -> ModelSignature:
-    """Inputs: the key and the modelled columns, typed loosely (integer columns may hold nulls,
-    which pandas stores as floats); outputs: the anomaly job's columns; params: job, k, seed, rows."""
-    names = bundle.schema.input_columns
-    inferred = infer_signature(example[names], score_frame(bundle, example, "anomaly"), params=DEFAULT_PARAMS)
-    inputs = Schema([ColSpec(AnyType(), name) for name in names])
-    return ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
+def model_signature(bundle: ModelBundle, reference: pd.DataFrame) -> ModelSignature:
+    """Inputs: the key and the modelled columns, typed as the training data holds them
+    (`double` for columns with nulls, `long` for integer columns without, `string`,
+    `boolean`); outputs: the default (anomaly) job's columns, every job's in the model's
+    metadata (`job_outputs`); params: job, k, seed, rows."""
+    frame = reference[bundle.schema.input_columns].reset_index(drop=True)
+    return infer_signature(frame, score_frame(bundle, frame.head(5), "anomaly"), params=DEFAULT_PARAMS)
+
+
+def job_outputs(bundle: ModelBundle) -> dict[str, str]:
+    """What `predict` returns for each `params["job"]` (the model's metadata)."""
+    schema = bundle.schema
+    key = f"`{schema.key}`, " if schema.key else ""
+    codes = ", ".join(f"z_{j}" for j in range(bundle.vae.config.latent_dim))
+    return {
+        "impute": "the input columns with every missing modelled cell filled (observed cells unchanged)",
+        "anomaly": f"{key}anomaly_score (-log p(x) per observed cell, higher = more unusual), "
+        "is_anomaly (score above the threshold calibrated on validation rows)",
+        "embed": f"{key}{codes} (posterior means, float32)",
+        "sample": f"params['rows'] synthetic rows of the modelled columns: {', '.join(schema.names)}",
+    }
+
+
+# the configuration that shapes the model (the rest of it is the run's config/settings.json)
+MODEL_PARAMS = (
+    "model.",
+    "train.batch_size",
+    "train.max_steps",
+    "train.min_steps",
+    "train.max_epochs",
+    "train.max_minutes",
+    "train.heldout_cells",
+    "train.heldout_k",
+    "train.monitor",
+    "train.patience",
+    "train.gradient_clip_val",
+    "train.seed",
+    "schema.",
+    "snapshot.val_fraction",
+    "snapshot.eval_fraction",
+    "snapshot.seed",
+    "evaluation.importance_samples",
+    "evaluation.false_alarm_rate",
+    "score.importance_samples",
+    "promotion.metric",
+)
+
+
+def model_params(settings: Settings) -> dict[str, Any]:
+    """The run's params: the settings that change the model or its evaluation (not paths,
+    servers or progress bars)."""
+    flat = _flatten(settings.model_dump(mode="json", by_alias=True))
+    return {k: v for k, v in flat.items() if k.startswith(MODEL_PARAMS)}
+
+
+def best_metrics(result: training.FitResult) -> dict[str, float]:
+    """The kept weights' validation: `best_epoch`, `best_step` and `best_<metric>` for each
+    validation metric of that row (the run page's last `val_*` values are the last validation's)."""
+    row = result.best
+    out = {f"best_{k}": v for k, v in row.items() if k.startswith("val_")}
+    if row:
+        out.update(best_epoch=row["epoch"], best_step=row["step"])
+    return out
+
+
+def version_description(
+    snapshot: Snapshot,
+    settings: Settings,
+    report: ValidationReport,
+    metrics: dict[str, float],
+    result: training.FitResult,
+    data_md5: str,
+) -> str:
+    """The model version's description: what it is, what it trained on, how it scored."""
+    m = settings.model
+    manifest = snapshot.manifest
+    lines = [
+        f"Tabular VAE: latent {m.latent_dim}, hidden {m.hidden_dims}"
+        f"{', linear skip' if m.linear_skip else ''}; {len(snapshot.schema.numeric)} numeric and "
+        f"{len(snapshot.schema.categorical)} categorical columns.",
+        f"Data: snapshot `{snapshot.name}` of {redact(manifest.get('source', '?'))} "
+        f"({int(metrics.get('eval_rows', 0))} evaluation rows), snapshot md5 {data_md5[:12]}.",
+        f"Training: {int(result.best.get('step', 0))} of {result.budget.max_steps} steps kept "
+        f"(batch {result.budget.batch_size}, selected on {result.monitor}).",
+        f"Validation: {'passed' if report.success else 'FAILED'} ({len(report.outcomes)} expectations).",
+        "Evaluation: "
+        + ", ".join(
+            f"{k} {metrics[k]:.4g}"
+            for k in ("eval_nll_per_cell", "eval_heldout_rmse_std", "eval_heldout_rmse_mean_baseline")
+            if k in metrics
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -166,7 +259,7 @@ def train_and_register(
     `TransientError`) or KILLED (interrupted or terminated); a run whose process was killed
     outright is ended KILLED by the next training on the same host (`reap_orphaned_runs`)."""
     model_name = names.model_name(model_name)
-    ensure_experiment(settings)
+    experiment_id = ensure_experiment(settings)
     reap_orphaned_runs(settings)
     run_tags = {
         "vaeflow.model_name": model_name,
@@ -177,30 +270,29 @@ def train_and_register(
     }
     run_tags.update(lineage_tags(snapshot, settings))
     with tracking_errors(settings):
-        logger = MLFlowLogger(
-            experiment_name=settings.mlflow.experiment,
-            tracking_uri=settings.tracking_uri,
-            run_name=f"train-{model_name}",
-            tags=run_tags,
-            artifact_location=None,
-        )
-        run_id = logger.run_id
+        client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+        run_id = client.create_run(experiment_id, run_name=f"train-{model_name}", tags=run_tags).info.run_id
     try:
         with tracking_errors(settings):
-            return _train_in_run(snapshot, settings, model_name, report, logger, run_tags)
+            return _train_in_run(snapshot, settings, model_name, report, run_id, run_tags)
     except BaseException as exc:
         end_interrupted_run(settings, run_id, exc)
         raise
 
 
-def _log_model(bundle_path: Path, signature, example: pd.DataFrame, model_name: str, snapshot: str):
+def _log_model(
+    bundle: ModelBundle, bundle_path: Path, reference: pd.DataFrame, model_name: str, snapshot: str
+):
+    """The pyfunc model: this code file, `vae_models` as its code, the bundle as its artifact."""
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(MODEL_CODE),
+        code_paths=[str(CODE_ROOT / "vae_models")],
         artifacts={"bundle": str(bundle_path)},
-        signature=signature,
-        input_example=example,
+        signature=model_signature(bundle, reference),
+        input_example=reference.head(5)[bundle.schema.input_columns].reset_index(drop=True),
         pip_requirements=_pip_requirements(),
+        metadata={"job_outputs": job_outputs(bundle)},
         registered_model_name=model_name,
         tags={"vaeflow.snapshot": snapshot},
     )
@@ -211,21 +303,39 @@ def _train_in_run(
     settings: Settings,
     model_name: str,
     report: ValidationReport,
-    logger: MLFlowLogger,
+    run_id: str,
     run_tags: dict[str, str],
 ) -> TrainedVersion:
-    run_id = logger.run_id
     train_df, val_df, eval_df = training.snapshot_frames(snapshot)
     schema = snapshot.schema
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_params(_flatten(settings.model_dump(mode="json", by_alias=True)))
         mlflow.log_params(
-            {"data.rows_train": len(train_df), "data.rows_val": len(val_df), "data.rows_eval": len(eval_df)}
+            {
+                **model_params(settings),
+                "data.rows_train": len(train_df),
+                "data.rows_val": len(val_df),
+                "data.rows_eval": len(eval_df),
+            }
         )
+        mlflow.log_dict(_flatten(settings.model_dump(mode="json", by_alias=True)), "config/settings.json")
         # keyed by data and config, not by run: a retried task resumes from its last checkpoint
         attempt = f"{run_tags['vaeflow.snapshot_md5'][:12]}-{run_tags['vaeflow.params_hash'][:12]}"
         ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / attempt
-        result = training.fit(train_df, val_df, schema, settings, logger=logger, checkpoint_dir=ckpt_dir)
+        result = training.fit(
+            train_df,
+            val_df,
+            schema,
+            settings,
+            mlflow_run=training.MlflowRun(settings.tracking_uri, run_id),
+            checkpoint_dir=ckpt_dir,
+        )
+        budget = result.budget
+        mlflow.log_params(
+            {"train.batch_size_used": budget.batch_size, "train.max_steps_used": budget.max_steps}
+        )
+        mlflow.set_tag(
+            "vaeflow.metric_step", "epoch" if budget.val_every >= budget.steps_per_epoch else "global_step"
+        )
         bundle = ModelBundle(vae=result.module.vae, schema=result.schema)
         evaluation = training.evaluate(bundle, eval_df, val_df, settings)
         bundle.extra.update(
@@ -233,28 +343,33 @@ def _train_in_run(
             false_alarm_rate=settings.evaluation.false_alarm_rate,
             run_id=run_id,
         )
-        metrics = {**evaluation.metrics, "epochs_trained": float(result.epochs)}
+        metrics = {**evaluation.metrics, **best_metrics(result), "epochs_trained": float(result.epochs)}
         mlflow.log_metrics(metrics)
         mlflow.log_dict(report.to_dict(), "validation/gx_result.json")
+        mlflow.log_metric("validation.warnings", len(report.warnings))  # non-blocking GX failures
+        if report.data_docs and Path(report.data_docs).is_dir():
+            mlflow.log_artifacts(report.data_docs, "validation/data_docs")
         mlflow.log_dict(bundle.schema.to_dict(), "schema.json")
         mlflow.set_tag("vaeflow.validation", "passed" if report.success else "failed")
         reports_dir = settings.path("reports") / snapshot.name
-        for path in training.make_plots(
+        for path in plots.make_plots(
             result.history,
             bundle,
             eval_df,
             evaluation.column_errors,
             reports_dir,
+            anomaly_scores=evaluation.extra.get("anomaly_scores"),
+            threshold=evaluation.anomaly_threshold,
             max_rows=settings.evaluation.latent_plot_rows,
+            k=settings.score.importance_samples,
+            seed=settings.train.seed,
         ):
             mlflow.log_artifact(str(path), artifact_path="plots")
         training.write_dvc_outputs(metrics, reports_dir)
         model_dir = settings.path(settings.train.model_dir) / model_name
         with atomic.target_lock(model_dir):  # another training of this model must not swap it now
             bundle_path = save_bundle(bundle, model_dir)
-            example = eval_df.head(5).reset_index(drop=True)[schema.input_columns]
-            signature = model_signature(bundle, example)
-            info = _log_model(bundle_path, signature, example, model_name, snapshot.name)
+            info = _log_model(bundle, bundle_path, eval_df.head(1000), model_name, snapshot.name)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
     # the checksums first: a version without them is never loaded, one without `validation`
@@ -266,6 +381,13 @@ def _train_in_run(
         **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
     }.items():
         client.set_model_version_tag(model_name, version, key, str(value))
+    client.update_model_version(
+        model_name,
+        version,
+        description=version_description(
+            snapshot, settings, report, metrics, result, run_tags["vaeflow.snapshot_md5"]
+        ),
+    )
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # registered: nothing left to resume
     log.info("registered %s version %s (run %s)", model_name, version, run_id)
     return TrainedVersion(model_name, version, run_id, metrics, bundle_path)

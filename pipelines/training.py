@@ -1,7 +1,8 @@
 """Train: build the Lightning Trainer, fit on a snapshot, evaluate on its frozen eval split.
 
-Per-epoch metrics go to MLflow through Lightning's `MLFlowLogger`; held-out metrics, plots,
-the validation report and the model bundle are logged into the same run by `tracking.py`.
+Each validation's metrics go to MLflow from `ValidationHistory` (at the epoch); held-out
+metrics, plots, the validation report and the model bundle are logged into the same run by
+`tracking.py`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from pipelines.config import Settings
 from pipelines.ingest import Snapshot
 from vae_models import inference
 from vae_models.bundle import ModelBundle
-from vae_models.data import hold_out_cells, plan_budget, table_loader
+from vae_models.data import Budget, hold_out_cells, plan_budget, table_loader
 from vae_models.module import VAEModule
 from vae_models.schema import EncodedTable, TableSchema
 from vae_models.vae import TableBatch, TabularVAE
@@ -31,39 +34,130 @@ from vae_models.vae import TableBatch, TabularVAE
 log = logging.getLogger(__name__)
 
 
-class EpochHistory(Callback):
-    """Each epoch's logged metrics (for the loss-curve plot), appended to a JSON-lines file on
-    rank 0, so the history survives spawned DDP workers and a resumed fit."""
+class _LightningNoise(logging.Filter):
+    """Lightning's advertisements and restated settings, not what the run is doing."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    NOISE = ("💡 Tip", "was configured so validation will run")
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE[0]) and self.NOISE[1] not in str(record.msg)
+
+
+def _quiet_lightning() -> None:
+    """One line per Lightning message: `lightning` adds a console handler of its own, which
+    prints each line a second time when the application logs to the console already."""
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _LightningNoise) for f in rank_zero.filters):
+        rank_zero.addFilter(_LightningNoise())
+    # torch deprecates a call inside Lightning's own code: nothing a user can change
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+_quiet_lightning()
+
+
+@dataclass(frozen=True)
+class MlflowRun:
+    """Where a fit's validation metrics go: a run of an MLflow tracking store."""
+
+    tracking_uri: str
+    run_id: str
+
+
+class ValidationHistory(Callback):
+    """One row per validation: epoch, global step, the mean training loss over the steps since
+    the previous validation, and the validation metrics.
+
+    Rows are appended to a JSON-lines file on rank 0 (the history survives spawned DDP workers
+    and a resumed fit), logged to `run` when given (MLflow step = the epoch when validations
+    fall at epoch ends, else the global step; the run's `vaeflow.metric_step` tag says which),
+    and written as one log line each, so a fit whose output is not a terminal shows progress."""
+
+    def __init__(
+        self, path: Path, monitor: str, max_steps: int, per_epoch: bool, run: MlflowRun | None = None
+    ) -> None:
+        self.path, self.monitor, self.max_steps = Path(path), monitor, max_steps
+        self.per_epoch, self.run = per_epoch, run
+        self._loss: torch.Tensor | None = None
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
+        self._loss = loss if self._loss is None else self._loss + loss
+        self._batches += 1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
             return
-        row = {"epoch": float(trainer.current_epoch)}
-        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        train_loss = float(self._loss) / self._batches if self._batches else None
+        self._loss, self._batches = None, 0
+        if not trainer.is_global_zero:
+            return
+        row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
+        if train_loss is not None:
+            row["train_loss"] = train_loss
+        row.update(
+            {
+                k: float(v)
+                for k, v in trainer.callback_metrics.items()
+                if k.startswith("val_") and v.numel() == 1
+            }
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self._to_mlflow(row)
+        self._log_line(row)
+
+    def _to_mlflow(self, row: dict[str, float]) -> None:
+        import time
+
+        import mlflow
+        from mlflow.entities import Metric
+
+        step = int(row["epoch"] if self.per_epoch else row["step"])
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in row.items() if k != "step" and math.isfinite(v)]
+        mlflow.MlflowClient(self.run.tracking_uri).log_batch(self.run.run_id, metrics=metrics)
+
+    def _log_line(self, row: dict[str, float]) -> None:
+        best = min((r for r in self.rows() if self.monitor in r), key=lambda r: r[self.monitor], default=None)
+        values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
+        tail = f" (best {best[self.monitor]:.4g} at step {int(best['step'])})" if best else ""
+        log.info("epoch %d, step %d/%d: %s%s", row["epoch"], row["step"], self.max_steps, values, tail)
 
     def rows(self) -> list[dict[str, float]]:
+        """The validations so far, in step order; a validation redone after a crash counts
+        once, its latest values winning."""
         if not self.path.exists():
             return []
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
         latest: dict[float, dict[str, float]] = {}
-        for r in rows:  # an epoch redone after a crash counts once, its latest values winning
-            latest[r["epoch"]] = {**latest.get(r["epoch"], {}), **r}
-        return [latest[e] for e in sorted(latest)]
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                latest[r["step"]] = {**latest.get(r["step"], {}), **r}
+        return [latest[s] for s in sorted(latest)]
+
+
+def best_row(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    """The validation whose `monitor` value was lowest: the one whose weights were kept."""
+    scored = [r for r in history if math.isfinite(r.get(monitor, math.nan))]
+    return min(scored, key=lambda r: r[monitor]) if scored else {}
 
 
 @dataclass
 class FitResult:
     module: VAEModule
     schema: TableSchema  # the schema given, with each log1p column's imputation estimate chosen
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]  # one row per validation (ValidationHistory)
     best_checkpoint: str | None
-    epochs: int
+    epochs: int  # passes over the training rows at the last validation
+    budget: Budget
+    monitor: str  # the metric that picked the kept weights
+    best: dict[str, float]  # the history row of the kept weights
 
 
 def fit(
@@ -72,7 +166,7 @@ def fit(
     schema: TableSchema,
     settings: Settings,
     *,
-    logger: Any = False,
+    mlflow_run: MlflowRun | None = None,
     checkpoint_dir: Path | None = None,
     callbacks: list[Callback] | None = None,
 ) -> FitResult:
@@ -83,7 +177,8 @@ def fit(
     scored at each validation given the rest of its row: imputation, the model's target, picks
     the checkpoint. If `checkpoint_dir` holds a `last.ckpt` from an interrupted fit (a retried
     task), training resumes from it: weights, optimiser, step and callback states. The held-out
-    cells also pick each log1p column's imputation estimate (`inference.choose_log1p_estimates`)."""
+    cells also pick each log1p column's imputation estimate (`inference.choose_log1p_estimates`).
+    Each validation is a row of the history, a log line and, with `mlflow_run`, MLflow metrics."""
     cfg = settings.train
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     held = hold_out_cells(schema.encode(train_df), cfg.heldout_cells, seed=cfg.seed)
@@ -101,7 +196,13 @@ def fit(
     config = settings.model.model_copy(update={"num_logvar_min": schema.logvar_floors()})
     module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump(), heldout_k=cfg.heldout_k)
     ckpt_dir = checkpoint_dir or settings.path(cfg.checkpoint_dir)
-    history = EpochHistory(Path(ckpt_dir) / "history.jsonl")
+    history = ValidationHistory(
+        Path(ckpt_dir) / "history.jsonl",
+        monitor,
+        budget.max_steps,
+        per_epoch=budget.val_every >= budget.steps_per_epoch,
+        run=mlflow_run,
+    )
     # both act when a validation ends (it may fall mid-epoch): a fit resumed from a checkpoint
     # written there re-enters that epoch's end before any new validation has run
     checkpoint = ModelCheckpoint(
@@ -124,7 +225,7 @@ def fit(
         devices=cfg.devices,
         strategy=cfg.strategy,
         num_nodes=cfg.num_nodes,
-        logger=logger,
+        logger=False,  # metrics go to MLflow through ValidationHistory, at the epoch
         callbacks=[
             EarlyStopping(monitor=monitor, patience=cfg.patience, check_on_train_epoch_end=False),
             checkpoint,
@@ -133,7 +234,7 @@ def fit(
         ],
         gradient_clip_val=cfg.gradient_clip_val,
         deterministic=cfg.deterministic,
-        enable_progress_bar=cfg.progress_bar,
+        enable_progress_bar=cfg.progress_bar and sys.stdout.isatty(),  # else: one log line per validation
         enable_model_summary=False,
         log_every_n_steps=max(1, min(50, budget.steps_per_epoch)),
         num_sanity_val_steps=0,
@@ -166,7 +267,8 @@ def fit(
             module.vae, held, schema, k=cfg.heldout_k, max_rows=cfg.heldout_rows, seed=cfg.seed
         )
     rows = history.rows()
-    return FitResult(module, schema, rows, best, len(rows))
+    epochs = int(max((r["epoch"] for r in rows), default=-1)) + 1
+    return FitResult(module, schema, rows, best, epochs, budget, monitor, best_row(rows, monitor))
 
 
 @dataclass
@@ -175,6 +277,8 @@ class Evaluation:
     column_errors: pd.DataFrame  # column, kind, metric, value
     anomaly_threshold: float
     extra: dict[str, Any] = field(default_factory=dict)
+    # per eval row, scaled so each array's mean is its metric (the promotion gate's paired SE)
+    per_row: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def evaluate(
@@ -207,9 +311,13 @@ def evaluate(
     eval_scores = inference.anomaly_scores(vae, table, k=settings.score.importance_samples).score
     rmse = errors.loc[errors.metric == "rmse_std", "value"]
     err = errors.loc[errors.metric == "error_rate", "value"]
+    nll_per_cell = -log_px * (len(log_px) / max(n_obs, 1.0))  # mean = NLL per observed cell
     metrics = {
         **heldout_cell_metrics(vae, table, settings),
         "eval_nll_per_cell": float(-log_px.sum() / max(n_obs, 1.0)),
+        "eval_nll_per_cell_se": float(np.std(nll_per_cell, ddof=1) / np.sqrt(len(log_px)))
+        if len(log_px) > 1
+        else float("nan"),
         "eval_nll_per_row": float(-log_px.mean()),
         "eval_elbo_per_row": float(elbo),
         "eval_numeric_rmse_std": float(rmse.mean()) if len(rmse) else float("nan"),
@@ -217,7 +325,8 @@ def evaluate(
         "eval_anomaly_rate": float(np.mean(eval_scores > threshold)),
         "eval_rows": float(len(eval_df)),
     }
-    return Evaluation(metrics, errors, threshold)
+    per_row = {"eval_nll_per_cell": nll_per_cell, "eval_nll_per_row": -log_px}
+    return Evaluation(metrics, errors, threshold, extra={"anomaly_scores": eval_scores}, per_row=per_row)
 
 
 def heldout_cell_metrics(vae: TabularVAE, table: EncodedTable, settings: Settings) -> dict[str, float]:
@@ -245,74 +354,6 @@ def heldout_cell_metrics(vae: TabularVAE, table: EncodedTable, settings: Setting
     if n_cat:
         out["eval_heldout_error"] = wrong / n_cat
     return out
-
-
-def make_plots(
-    history: list[dict[str, float]],
-    bundle: ModelBundle,
-    eval_df: pd.DataFrame,
-    errors: pd.DataFrame,
-    out_dir: Path,
-    max_rows: int = 5000,
-) -> list[Path]:
-    """Loss curves, a 2-d map of the latent space and per-column reconstruction error (PNG + CSV)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    hist = pd.DataFrame(history)
-    hist.to_csv(out_dir / "loss.csv", index=False)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for col in ("train_loss", "val_loss"):
-        if col in hist:
-            ax.plot(hist["epoch"], hist[col], marker="o", label=col)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("negative ELBO per row")
-    ax.legend()
-    ax.set_title("loss curves")
-    paths.append(_save(fig, out_dir / "loss_curves.png"))
-
-    sample = eval_df.head(max_rows)
-    mu, _ = inference.embed(bundle.vae, bundle.schema.encode(sample))
-    centred = mu - mu.mean(0)
-    if mu.shape[1] > 2:
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        xy = centred @ vt[:2].T
-    else:
-        xy = np.pad(centred, ((0, 0), (0, 2 - mu.shape[1])))
-    fig, ax = plt.subplots(figsize=(6, 5))
-    cats = bundle.schema.categorical
-    if cats:
-        labels = sample[cats[0].name].astype(str).to_numpy()
-        top = pd.Series(labels).value_counts().index[:8]
-        for level in top:
-            m = labels == level
-            ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.5, label=str(level))
-        ax.legend(title=cats[0].name, markerscale=3, fontsize=7)
-    else:
-        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5)
-    ax.set_title("latent space (posterior means, first two principal axes)")
-    paths.append(_save(fig, out_dir / "latent_map.png"))
-
-    errors.to_csv(out_dir / "column_error.csv", index=False)
-    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(errors))))
-    ax.barh(errors["column"] + " (" + errors["metric"] + ")", errors["value"])
-    ax.set_xlabel("held-out reconstruction error (numeric: RMSE in std units; categorical: error rate)")
-    ax.set_title("per-column reconstruction error")
-    paths.append(_save(fig, out_dir / "column_error.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
 
 
 def write_dvc_outputs(metrics: dict[str, float], out_dir: Path) -> Path:

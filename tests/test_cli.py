@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,14 @@ def test_train_and_score_a_table_never_seen_before(tmp_path, prefect_api, unseen
     )
     assert code == 0, err
     assert "registered diamonds_vae version 1" in out and "promoted to champion" in out
+    # not a terminal: no progress bars, one log line per validation, each line once, no ads
+    lines = err.splitlines()
+    assert any(
+        re.search(r"epoch \d+, step \d+/\d+: train_loss .* val_heldout_nll .*\(best ", ln) for ln in lines
+    )
+    assert not [ln for ln in lines if "Calculating Metrics" in ln or "it/s]" in ln or "Tip:" in ln], err
+    assert sum("GPU available" in ln for ln in lines) <= 1, err
+    assert not [ln for ln in lines if "Warning" in ln or "deprecated" in ln], err
     dest = str(tmp_path / "scores.parquet")
     args = [
         "score",

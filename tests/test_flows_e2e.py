@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 import pytest
@@ -52,10 +56,37 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(pipeline_run):
         "eval_categorical_error",
     ):
         assert metric in run.data.metrics
-    assert len(client.get_metric_history(out["run_id"], "val_loss")) == 2  # one per epoch
+    history = client.get_metric_history(out["run_id"], "val_heldout_nll")
+    assert sorted(m.step for m in history) == [0, 1]  # one per epoch, at the epoch (not the step)
+    assert run.data.tags["vaeflow.metric_step"] == "epoch"
+    best = min(history, key=lambda m: m.value)
+    assert run.data.metrics["best_val_heldout_nll"] == pytest.approx(best.value)
+    assert run.data.metrics["best_epoch"] == best.step  # the kept weights' epoch, not the last one
     assert run.data.metrics["eval_nll_per_cell"] > 0
-    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "plots")}
-    assert artifacts == {"plots/loss_curves.png", "plots/latent_map.png", "plots/column_error.png"}
+    # params: what shapes the model; paths, servers and progress bars go to config/settings.json
+    params = run.data.params
+    assert len(params) < 50 and "train.batch_size_used" in params
+    for noise in ("train.checkpoint_dir", "train.progress_bar", "mlflow.tracking_uri", "score.chunk_size"):
+        assert noise not in params
+    config = mlflow.artifacts.load_dict(f"runs:/{out['run_id']}/config/settings.json")
+    assert config["train.checkpoint_dir"] == "data/checkpoints" and config["model.latent_dim"] == 4
+    artifacts = {a.path.removeprefix("plots/") for a in client.list_artifacts(out["run_id"], "plots")}
+    assert artifacts == {
+        "loss_curves.png",
+        "latent_map.png",
+        "column_error.png",
+        "imputation_quality.png",
+        "anomaly_scores.png",
+        "latent_kl.png",
+        "reconstruction.png",
+    }
+    for name in artifacts:  # also in reports/, where DVC and a reviewer find them
+        assert (settings.path("reports") / "flights_small" / name).stat().st_size > 1000
+    quality = pd.read_csv(settings.path("reports") / "flights_small" / "imputation_quality.csv")
+    assert set(quality["metric"]) == {"rmse_std", "error_rate"} and (quality["cells"] > 0).all()
+    description = client.get_model_version("flights_small_vae", out["version"]).description
+    assert "snapshot `flights_small`" in description and "eval_nll_per_cell" in description
+    assert f"{run.data.metrics['eval_nll_per_cell']:.4g}" in description
     gx = mlflow.artifacts.load_dict(f"runs:/{out['run_id']}/validation/gx_result.json")
     assert gx["success"] and gx["failed"] == 0
 
@@ -96,6 +127,56 @@ def test_logged_pyfunc_model_predicts_every_job(pipeline_run, flights):
     assert list(an.columns) == ["rownames", "anomaly_score", "is_anomaly"]
     imp = model.predict(rows, params={"job": "impute"})
     assert imp["dep_delay"].notna().all()
+    # typed inputs: nullable (double) where the data has nulls, integer where it has none
+    inputs = {c.name: c.type.name for c in model.metadata.get_input_schema().inputs}
+    assert inputs["dep_delay"] == "double" and inputs["carrier"] == "string" and inputs["month"] == "long"
+    assert set(model.metadata.metadata["job_outputs"]) == {"impute", "anomaly", "embed", "sample"}
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"unknown job 'score'") as info:
+        model.predict(rows, params={"job": "score"})
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+FRESH = """
+import importlib.abc, json, sys
+class NoPipeline(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pipelines", "tests", "benchmarks"):
+            raise ImportError(f"{name} is not part of the logged model")
+sys.meta_path.insert(0, NoPipeline())
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+rows = pd.read_parquet(sys.argv[2])
+out = model.predict(rows, params={"job": "anomaly"})
+print(json.dumps({"code": sys.modules["vae_models.jobs"].__file__, "rows": len(out)}))
+"""
+
+
+def test_logged_model_is_self_contained(pipeline_run, flights, tmp_path):
+    """A scoring host loads and runs the model with MLflow alone: no vaeflow pipeline, the ML
+    core shipped in the model (`code/vae_models`), installable requirements."""
+    import subprocess
+    import sys
+
+    settings, _, _ = pipeline_run
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts("models:/flights_small_vae@champion", dst_path=str(tmp_path))
+    )
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch==" in requirements and "+" not in requirements and "vaeflow" not in requirements
+    assert (local / "code" / "vae_models" / "jobs.py").is_file()
+    flights.head(7).to_parquet(tmp_path / "rows.parquet")
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(local), str(tmp_path / "rows.parquet")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 7 and Path(out["code"]).is_relative_to(local / "code")
 
 
 def test_second_training_is_challenger_and_gate_is_recorded(pipeline_run):
@@ -203,3 +284,58 @@ def test_network_tasks_retry_transient_errors_but_not_bad_input(prefect_harness)
     value, state = run()
     assert value == "ok" and calls["flaky"] == 3  # two retries, then success
     assert state.is_failed() and calls["bad"] == 1  # a clear input error is not retried
+
+
+def test_flow_runs_publish_artifacts_and_name_their_task_runs(pipeline_run):
+    """What a Prefect user opens: each flow run's Artifacts tab and task runs named for what they do."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    settings, out, results = pipeline_run
+    flow_run_id = (
+        registry.get_client(settings).get_model_version("flights_small_vae", "1").tags["vaeflow.flow_run_id"]
+    )
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+        by_key = {a.key: a for a in artifacts}
+        assert {
+            "validation-flights-small",
+            "training-flights-small-vae",
+            "promotion-flights-small-vae",
+        } <= set(by_key)
+        assert "passed" in by_key["validation-flights-small"].data
+        promotion = by_key["promotion-flights-small-vae"].data
+        assert "v1: PROMOTED to champion" in promotion and "first version of the model" in promotion
+        assert f"{out['metrics']['eval_nll_per_cell']:.5g}" in by_key["training-flights-small-vae"].data
+        names = {
+            t.name
+            for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        }
+        assert {"train-flights_small_vae", "promote-flights_small_vae-v1", "validate", "ingest"} <= names
+        # one version per batch_score run under one key (later tests score again): the fixture's is the first
+        scored = min(
+            client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": ["scored-flights-small"]})),
+            key=lambda a: a.created,
+        )
+        rows = {r["job"]: r for r in json.loads(scored.data)}
+        assert rows.keys() == {r["job"] for r in results}
+        for r in results:
+            assert rows[r["job"]]["rows"] == r["rows"] and rows[r["job"]]["destination"] == r["destination"]
+        scoring_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[scored.flow_run_id]))
+        )  # the batch_score flow run that published the table
+        assert {t.name for t in scoring_runs} == {
+            "score-impute",
+            "score-anomaly",
+            "score-embed",
+            "score-sample",
+        }

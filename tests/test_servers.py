@@ -153,6 +153,32 @@ def _run(env: dict, name: str, log: Path) -> str:
     return str(run.id)
 
 
+def _triggered_run(env: dict, flow_name: str, log: Path, timeout: float = 300) -> str:
+    """The id of the first completed run of `flow_name` that no one started by hand."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deadline = time.time() + timeout
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        while time.time() < deadline:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])), flow_run_filter=FlowRunFilter()
+            )
+            done = [r for r in runs if r.state and r.state.is_completed()]
+            if done:
+                return str(done[0].id)
+            failed = [r for r in runs if r.state and r.state.is_final() and not r.state.is_completed()]
+            assert not failed, f"{flow_name}: {failed[0].state}\n{log.read_text()[-4000:]}"
+            time.sleep(2)
+    raise AssertionError(
+        f"no {flow_name} run followed the retrain within {timeout:.0f} s\n{log.read_text()[-4000:]}"
+    )
+
+
 def test_served_deployments_have_their_schedules_and_each_run_completes(topology):
     env, root = topology["env"], topology["root"]
     deadline = time.time() + 120
@@ -164,12 +190,12 @@ def test_served_deployments_have_their_schedules_and_each_run_completes(topology
     crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
     assert crons == {
         "retrain/nightly": [settings.schedule.retrain_cron],
-        "batch_score/nightly": [settings.schedule.score_cron],
+        "batch_score/nightly": [],  # no cron of its own: it follows each completed retrain
         "monitor/hourly": [settings.schedule.monitor_cron],
     }
     log = root / "serve.log"
     retrain_run = _run(env, "retrain/nightly", log)
-    _run(env, "batch_score/nightly", log)
+    assert _triggered_run(env, "batch_score", log) != retrain_run  # started by the retrain's completion
     _run(env, "monitor/hourly", log)
 
     from mlflow.tracking import MlflowClient
@@ -204,11 +230,16 @@ def test_champion_loads_in_a_fresh_process_and_serves_rest(topology):
     code = (
         "import json, sys, mlflow, pandas as pd;"
         "m = mlflow.pyfunc.load_model('models:/srv_vae@champion');"
-        "df = pd.read_json(sys.stdin, orient='split');"
+        "df = pd.read_parquet(sys.argv[1]);"  # the warehouse's types: MLflow never casts int64 to double
         "print(json.dumps({j: list(m.predict(df, params={'job': j}).columns) for j in ('anomaly','embed','impute')}))"
     )
+    rows.to_parquet(root / "rows.parquet")
     fresh = subprocess.run(
-        [sys.executable, "-c", code], input=rows_json, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code, str(root / "rows.parquet")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     cols = json.loads(fresh.stdout.strip().splitlines()[-1])

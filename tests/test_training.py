@@ -45,7 +45,6 @@ def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights):
 def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path, flights):
     """Lightning DDP (ddp_spawn, 2 CPU processes, gloo): one model, metrics logged by rank 0 only."""
     import mlflow
-    from lightning.pytorch.loggers import MLFlowLogger
 
     settings = load_settings(
         small_params(
@@ -55,11 +54,14 @@ def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path, flights):
     train_df, val_df = flights.iloc[:2400], flights.iloc[2400:]
     schema = infer_schema(train_df, key="rownames")
     uri = f"sqlite:///{tmp_path}/m.db"
-    logger = MLFlowLogger(experiment_name="ddp", tracking_uri=uri)
-    run_id = logger.run_id  # created before the workers spawn, as tracking.train_and_register does
-    result = training.fit(train_df, val_df, schema, settings, logger=logger, checkpoint_dir=tmp_path / "ckpt")
+    client = mlflow.MlflowClient(uri)
+    # the run is created before the workers spawn, as tracking.train_and_register does
+    run_id = client.create_run(client.create_experiment("ddp")).info.run_id
+    run = training.MlflowRun(uri, run_id)
+    result = training.fit(
+        train_df, val_df, schema, settings, mlflow_run=run, checkpoint_dir=tmp_path / "ckpt"
+    )
     assert result.epochs == 2 and [int(r["epoch"]) for r in result.history] == [0, 1]
     assert result.best_checkpoint and result.module.vae.encoder is not None
-    client = mlflow.MlflowClient(uri)
     assert len(client.get_metric_history(run_id, "val_loss")) == 2  # not 4: rank 1 stays quiet
     assert len(client.search_runs([client.get_experiment_by_name("ddp").experiment_id])) == 1

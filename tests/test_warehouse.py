@@ -164,7 +164,7 @@ write_table(parse_ref(sys.argv[1], sys.argv[2]), frames())
 """
 
 
-@pytest.mark.parametrize("dest", ["out", "out.parquet", "pg"])
+@pytest.mark.parametrize("dest", ["out", "out.parquet", pytest.param("pg", marks=pytest.mark.postgres)])
 def test_job_killed_mid_write_leaves_the_old_output_readable(tmp_path, dest):
     """SIGKILL in the middle of a write: the previous output is intact; a re-run replaces it."""
     import signal

@@ -173,7 +173,8 @@ def impute(
                 decoded.num_mu[..., j], decoded.num_logvar[..., j], w, spec.center, spec.scale
             )
         for j, (lo, hi) in ranges:  # a column's mean lies within its support
-            mean[:, j] = mean[:, j].clamp(lo, hi)
+            bounds = torch.tensor([lo, hi], dtype=mean.dtype, device=mean.device)  # beyond float32: +-inf
+            mean[:, j] = mean[:, j].clamp(bounds[0], bounds[1])
         m_num = batch.m_num.bool()
         x_num = torch.where(m_num, batch.x_num, mean)
         spread = torch.where(m_num, torch.zeros_like(spread), spread)

@@ -151,23 +151,16 @@ def test_values_at_the_edge_of_float64_train_and_score_to_finite_flagged_scores(
         assert np.isfinite(scores["anomaly_score"]).all()
         assert scores.loc[flagged, "is_anomaly"].all(), scores.loc[flagged]
         assert scores["anomaly_score"].rank(ascending=False).loc[flagged].max() <= 10
-    code, _, err = cli(
-        "score",
-        "impute",
-        "--model",
-        MODEL,
-        "--source",
-        str(src),
-        "--dest",
-        str(tmp_path / "imp.csv"),
-        "--params",
-        trained["params"],
-    )
-    assert code == 0, err[-3000:]
-    imputed = pd.read_csv(tmp_path / "imp.csv")
-    assert imputed.loc[[5, 50], "dep_delay"].tolist() == [1e308, 1e308]  # observed cells are kept
-    assert (
-        np.isfinite(imputed.select_dtypes("number").drop(columns=["dep_delay", "arr_delay", "distance"]))
-        .all()
-        .all()
-    )
+    for model in (MODEL, "models:/odd_vae@champion"):  # odd_vae's ranges reach beyond float32
+        dest = tmp_path / "imp.csv"
+        code, _, err = cli(
+            "score", "impute", "--model", model, "--source", str(src), "--dest", str(dest), "--params", trained["params"]
+        )  # fmt: skip
+        assert code == 0, err[-3000:]
+        imputed = pd.read_csv(dest)
+        assert imputed.loc[[5, 50], "dep_delay"].tolist() == [1e308, 1e308]  # observed cells are kept
+        assert (
+            np.isfinite(imputed.select_dtypes("number").drop(columns=["dep_delay", "arr_delay", "distance"]))
+            .all()
+            .all()
+        )

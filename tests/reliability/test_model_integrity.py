@@ -126,6 +126,7 @@ def test_each_version_records_the_sha256_of_every_artifact(trained):
     assert all(len(digest) == 64 for digest in record.values())
 
 
+@pytest.mark.postgres
 def test_the_promotion_lock_gives_up_on_a_dead_server_and_on_a_held_lock(trained):
     from tests.test_warehouse import PG_URL
 
