@@ -32,6 +32,8 @@ app = typer.Typer(
 )
 stage_app = typer.Typer(help="Single pipeline stages, as dvc.yaml runs them.", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
+snapshot_app = typer.Typer(help="The data snapshots versions trained on, kept in DVC.", no_args_is_help=True)
+app.add_typer(snapshot_app, name="snapshot")
 
 Params = Annotated[str | None, typer.Option("--params", "-p", help="params file (default: ./params.yaml)")]
 Sets = Annotated[
@@ -237,31 +239,56 @@ def score(
         typer.echo(f"{r['job']}: {r['rows']} rows -> {r['destination']} (model v{r['model_version']})")
 
 
-@app.command()
-def serve(params: Params = None, sets: Sets = None) -> None:
-    """Serve the retrain, batch_score and monitor deployments on their crons (needs a Prefect server)."""
+def _needs_prefect_server(command: str) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise VaeflowError(
-            "vaeflow serve needs a Prefect server: start one (prefect server start) and set PREFECT_API_URL"
+            f"vaeflow {command} needs a Prefect server: start one (prefect server start) and set PREFECT_API_URL"
         )
+
+
+def _flow_parameters(params: str | None, sets: list[str] | None) -> dict:
+    return {"params": str(Path(params).resolve()) if params else None, "overrides": sets}
+
+
+@app.command()
+def serve(params: Params = None, sets: Sets = None) -> None:
+    """Serve the retrain, batch_score and monitor deployments in this process (needs a Prefect server)."""
+    _needs_prefect_server("serve")
     from prefect import serve as prefect_serve
 
     from pipelines import orchestration
-    from pipelines.flows import batch_score, monitor, retrain
+    from pipelines.flows import deployments
 
     orchestration.quiet_console(debug=_DEBUG)
-    settings = _settings(params, sets)
-    parameters = {"params": str(Path(params).resolve()) if params else None, "overrides": sets}
-    schedule = settings.schedule
-    prefect_serve(
-        retrain.to_deployment(name="nightly", cron=schedule.retrain_cron, parameters=parameters),
-        batch_score.to_deployment(
-            name="nightly",
-            cron=schedule.score_cron,
-            triggers=orchestration.after_retrain() if schedule.score_after_retrain else None,
-            parameters=parameters,
-        ),
-        monitor.to_deployment(name="hourly", cron=schedule.monitor_cron, parameters=parameters),
+    prefect_serve(*deployments(_settings(params, sets), _flow_parameters(params, sets)))
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option("--pool", help="process work pool (created when missing)")] = "vaeflow",
+    params: Params = None,
+    sets: Sets = None,
+) -> None:
+    """Register the retrain, batch_score and monitor deployments on a work pool, for workers
+    (`prefect worker start --pool POOL`) on machines with vaeflow installed."""
+    _needs_prefect_server("deploy")
+    from prefect import deploy as prefect_deploy
+
+    from pipelines import orchestration
+    from pipelines.flows import deployments
+
+    orchestration.ensure_process_pool(pool)
+    parameters = _flow_parameters(params, sets)
+    prefect_deploy(
+        *deployments(_settings(params, sets), parameters, module_path=True),
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+    )
+    typer.echo(
+        f"deployments retrain/nightly, batch_score/nightly, monitor/hourly registered on work pool {pool!r}; "
+        f"start a worker where vaeflow is installed: prefect worker start --pool {pool}"
     )
 
 
@@ -329,6 +356,27 @@ def stage_score(params: Params = None, sets: Sets = None) -> None:
     name = _configured_snapshot(settings).name
     atomic.write_text(settings.path("reports") / name / "score.json", json.dumps(summary, indent=2) + "\n")
     typer.echo(json.dumps(summary, indent=2))
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(
+    model: Annotated[str, typer.Argument(help="models:/NAME/VERSION or models:/NAME@alias")],
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", help="an absent or empty folder (default: restored/NAME/vVERSION/SNAPSHOT)"),
+    ] = None,
+    params: Params = None,
+    sets: Sets = None,
+) -> None:
+    """Check out the snapshot a version trained on (its `vaeflow.dvc_md5`), verified by hash.
+
+    From the project's DVC cache, or pulled from the default DVC remote when missing there."""
+    from pipelines import lineage
+
+    restored = lineage.restore_version(_settings(params, sets), model, to)
+    typer.echo(
+        f"{restored.name} v{restored.version}: snapshot {restored.dvc_hash} restored into {restored.path}"
+    )
 
 
 def _compose(name: str, settings, params: str | None, sets: list[str] | None, needs_api: bool = False, **kw):

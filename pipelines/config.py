@@ -55,6 +55,9 @@ class SnapshotConfig(_Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     seed: int = 42
+    # each trained snapshot into the DVC cache (pipelines/lineage.py): auto (a failure is a
+    # warning and a tag), required (a failure fails the training) or off
+    dvc: Literal["auto", "required", "off"] = "auto"
 
 
 class SchemaConfig(_Section):

@@ -9,6 +9,7 @@ Tasks are called directly in the flow, in its main thread (Lightning's signal ha
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,11 @@ from prefect.runtime import flow_run
 from pipelines import run_summaries as summaries
 from pipelines import scoring, stages
 from pipelines.config import Settings, load_settings
+from pipelines.credentials import redact
 from pipelines.errors import DataValidationError, is_transient
+from pipelines.warehouse import parse_ref
+
+log = logging.getLogger(__name__)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -76,7 +81,11 @@ def _as_task_run(fn: Callable, *args: Any) -> Any:
 
 
 def _markdown(key: str, text: str) -> None:
-    create_markdown_artifact(markdown=text, key=key, description=text.splitlines()[0].lstrip("# "))
+    """Publish a markdown artifact; a Prefect API that fails here does not fail the flow."""
+    try:
+        create_markdown_artifact(markdown=text, key=key, description=text.splitlines()[0].lstrip("# "))
+    except Exception as exc:  # noqa: BLE001 - the stage's work is done and recorded elsewhere
+        log.warning("could not publish the Prefect artifact %s: %s", key, redact(exc))
 
 
 def publish(fn: Callable, result: Any) -> None:
@@ -175,11 +184,17 @@ def batch_score(
         run_partitions=_on_dask,
     )
     table = summaries.scored_table(results)
-    create_table_artifact(
-        table=table,
-        key=summaries.artifact_key("scored", source or settings.data.source),
-        description=", ".join(f"{r['job']}: {r['rows']} rows -> {r['destination']}" for r in table),
-    )
+    name = parse_ref(source or settings.data.source, settings.warehouse_url).name  # no URL, no credentials
+    try:
+        create_table_artifact(
+            table=table,
+            key=summaries.artifact_key("scored", name),
+            description=redact(
+                ", ".join(f"{r['job']}: {r['rows']} rows -> {r['destination']}" for r in table)
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - the tables are written; the artifact is a report
+        log.warning("could not publish the Prefect artifact of the scored tables: %s", redact(exc))
     return results
 
 
@@ -194,3 +209,38 @@ def monitor(params: str | None = None, overrides: list[str] | None = None, sourc
         retrain_on_drift=lambda: retrain(params=params, overrides=overrides),
         run_tags=_run_tags(),
     )
+
+
+def after_retrain() -> list:
+    """A deployment trigger: run when a `retrain` flow run completes (scheduled, triggered by
+    `monitor`, or started by hand), so batch scoring uses the model that retrain just promoted."""
+    from prefect.events import DeploymentEventTrigger
+
+    return [
+        DeploymentEventTrigger(
+            name="score after retrain",
+            expect={"prefect.flow-run.Completed"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
+        )
+    ]
+
+
+def deployments(settings: Settings, parameters: dict[str, Any], *, module_path: bool = False) -> list:
+    """`retrain/nightly`, `batch_score/nightly` (after each retrain, and on `schedule.score_cron`
+    if set) and `monitor/hourly`. With `module_path`, each names its flow by module
+    (`pipelines.flows.retrain`), for a worker that has vaeflow installed."""
+    from prefect.deployments.runner import EntrypointType
+
+    schedule = settings.schedule
+    kind = {"entrypoint_type": EntrypointType.MODULE_PATH} if module_path else {}
+    return [
+        retrain.to_deployment(name="nightly", cron=schedule.retrain_cron, parameters=parameters, **kind),
+        batch_score.to_deployment(
+            name="nightly",
+            cron=schedule.score_cron,
+            triggers=after_retrain() if schedule.score_after_retrain else None,
+            parameters=parameters,
+            **kind,
+        ),
+        monitor.to_deployment(name="hourly", cron=schedule.monitor_cron, parameters=parameters, **kind),
+    ]

@@ -5,7 +5,7 @@ MLflow copies this file into the model, with the `vae_models` package as its cod
 not vaeflow's pipeline. It reads the bundle (state dict loaded with `weights_only=True`, schema
 and calibration as JSON) from the model's artifacts. `predict(df, params={"job": "anomaly"})`
 returns the same columns as the batch jobs (`impute`, `anomaly`, `embed`; `sample` draws
-`params["rows"]` rows); the outputs of each job are in the model's metadata (`outputs`).
+`params["rows"]` rows); the outputs of each job are in the model's metadata (`job_outputs`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class VAEPyfuncModel(PythonModel):
                 seed=int(merged["seed"]),
                 rows=int(merged["rows"]),
             )
-        except (InputError, ValueError) as exc:  # a bad request: one message, HTTP 400 when served
+        except InputError as exc:  # a bad request: one message, HTTP 400 when served
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 

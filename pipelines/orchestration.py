@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import TransientError, VaeflowError, is_transient
+from pipelines.errors import ConfigError, TransientError, VaeflowError, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +239,21 @@ def _tail(path: Path, lines: int = 5) -> str:
     return "(no output)"
 
 
-def after_retrain() -> list:
-    """A deployment trigger: run when a `retrain` flow run completes (scheduled, triggered by
-    `monitor`, or started by hand), so batch scoring uses the model that retrain just promoted."""
-    from prefect.events import DeploymentEventTrigger
+def ensure_process_pool(name: str) -> None:
+    """Create the Prefect work pool `name` (type process, Prefect's default job template) when
+    it does not exist; an existing pool of another type is an error."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
 
-    return [
-        DeploymentEventTrigger(
-            name="score after retrain",
-            expect={"prefect.flow-run.Completed"},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": "retrain"},
-        )
-    ]
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+            log.info("created process work pool %s", name)
+            return
+    if pool.type != "process":
+        raise ConfigError(f"work pool {name!r} is of type {pool.type!r}; vaeflow deploy needs a process pool")

@@ -339,14 +339,16 @@ def _rollback_note(version: str, tags: dict[str, str]) -> str:
     return f"version {version} was rolled back " + " ".join(p for p in parts if p)
 
 
+def same_lineage(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Two versions trained on the same data and params (both recorded) with the same code."""
+    return all(a.get(k) for k in LINEAGE[:2]) and all(a.get(k) == b.get(k) for k in LINEAGE)
+
+
 def _rerun_of_rolled_back(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> str | None:
     """A rolled-back version trained on the same data, params and code as `version` (a rerun
     that would bring it back), if any."""
-    if not all(tags.get(k) for k in LINEAGE[:2]):
-        return None
     for mv in client.search_model_versions(f"name='{name}'"):
-        same = all(mv.tags.get(k) == tags.get(k) for k in LINEAGE)
-        if same and str(mv.version) != version and is_rolled_back(mv.tags):
+        if same_lineage(tags, mv.tags) and str(mv.version) != version and is_rolled_back(mv.tags):
             return str(mv.version)
     return None
 
@@ -548,6 +550,15 @@ def promote(
         validation = tags.get("validation", "not recorded")
         base = {"name": name, "version": version, "metric": metric, "forced": force, **request}
         event = {"by": request.get("requested_by", "pipeline"), "time": _now()}
+
+        def refuse(why: str) -> PromotionDecision:
+            """Refused: the version becomes `challenger` (when there is a champion to challenge)."""
+            if champ is not None:
+                client.set_registered_model_alias(name, CHALLENGER, version)
+            return PromotionDecision(
+                promoted=False, reason=why, champion_version=champ, status="refused", **base
+            )
+
         if champ == version:
             decision = PromotionDecision(
                 promoted=True, reason="already champion", champion_version=champ, status="champion", **base
@@ -558,15 +569,9 @@ def promote(
                 f'champion again: vaeflow promote --name {name} --version {version} --force --reason "why"'
             )
         elif validation != "passed":
-            if champ is not None:
-                client.set_registered_model_alias(name, CHALLENGER, version)
-            decision = PromotionDecision(
-                promoted=False,
-                reason=f"validation {validation}: a version that failed validation is never promoted"
-                + (" (not even with --force)" if force else ""),
-                champion_version=champ,
-                status="refused",
-                **base,
+            decision = refuse(
+                f"validation {validation}: a version that failed validation is never promoted"
+                + (" (not even with --force)" if force else "")
             )
         elif force:
             was_rolled_back = is_rolled_back(tags)
@@ -593,18 +598,18 @@ def promote(
                 **base,
             )
         elif (twin := _rerun_of_rolled_back(client, name, version, tags)) is not None:
-            client.set_registered_model_alias(name, CHALLENGER, version)
-            decision = PromotionDecision(
-                promoted=False,
-                reason=f"same data, params and code as v{twin}, which was rolled back: a rerun of it "
-                f'stays out until `vaeflow promote --name {name} --version {version} --force --reason "why"`',
-                champion_version=champ,
-                status="refused",
-                **base,
+            decision = refuse(
+                f"same data, params and code as v{twin}, which was rolled back: a rerun of it "
+                f'stays out until `vaeflow promote --name {name} --version {version} --force --reason "why"`'
+            )
+        elif same_lineage(tags, client.get_model_version(name, champ).tags):
+            decision = refuse(
+                f"same data, params and code as champion v{champ}: a rerun differs from it by "
+                "training noise only (change the data or the configuration, or use --force --reason)"
             )
         else:
+            new, old = measure(version), measure(champ)  # a version that cannot be measured moves no alias
             client.set_registered_model_alias(name, CHALLENGER, version)
-            new, old = measure(version), measure(champ)
             g = gate(new, old, cfg.min_improvement, cfg.se_multiplier)
             how = "re-scored on the same evaluation snapshot" if score else "as logged by each run"
             noise = (

@@ -37,8 +37,8 @@ def validation_markdown(report: dict[str, Any]) -> str:
     verdict = "passed" if report["success"] else "FAILED (training blocked)"
     lines = [
         f"# Validation of `{report['data']}`: {verdict}",
-        f"Suite `{report['suite']}`: {report['evaluated'] - report['failed']} of {report['evaluated']} "
-        "expectations met.",
+        f"Suite `{report['suite']}`: {report['evaluated'] - report['failed'] - report.get('warned', 0)} of "
+        f"{report['evaluated']} expectations met ({report['failed']} blocking, {report.get('warned', 0)} warnings).",
     ]
     for title, items in (("Blocking failures", failures), ("Warnings", warnings)):
         if items:

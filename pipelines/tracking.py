@@ -21,6 +21,8 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
+from mlflow.types import DataType
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from pipelines import atomic, names, plots, registry, training
 from pipelines.config import Settings
@@ -79,13 +81,19 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
         ) from exc
 
 
+def _file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def snapshot_md5(path: Path) -> str:
     """Content hash of a snapshot directory: md5 over its files' relative paths and md5s."""
     outer = hashlib.md5()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        outer.update(
-            f"{file.relative_to(path).as_posix()}:{hashlib.md5(file.read_bytes()).hexdigest()}\n".encode()
-        )
+        outer.update(f"{file.relative_to(path).as_posix()}:{_file_md5(file)}\n".encode())
     return outer.hexdigest()
 
 
@@ -96,22 +104,17 @@ def params_hash(settings: Settings) -> str:
 
 
 def lineage_tags(snapshot: Snapshot, settings: Settings) -> dict[str, str]:
-    """Where a version came from: code (git commit), data (snapshot hash, and DVC's hash when
-    dvc.lock records the snapshot), configuration (params hash)."""
+    """Where a version came from: code (git commit), data (snapshot hash, and DVC's hash of
+    this very snapshot, committed to the DVC cache and pushed: see `lineage`), configuration
+    (params hash)."""
+    from pipelines import lineage
+
     tags = {"vaeflow.snapshot_md5": snapshot_md5(snapshot.path), "vaeflow.params_hash": params_hash(settings)}
     tags["vaeflow.code_version"] = md.version("vaeflow")
     commit = git_commit(CODE_ROOT) or git_commit(settings.root)  # the code that ran, else the project
     if commit:
         tags["vaeflow.git_commit"] = commit
-    lock, snap = settings.root / "dvc.lock", snapshot.path.resolve()
-    if lock.exists() and snap.is_relative_to(settings.root):
-        import yaml
-
-        rel = snap.relative_to(settings.root).as_posix()
-        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-            for out in stage.get("outs", []):
-                if out.get("path") == rel:
-                    tags["vaeflow.dvc_md5"] = str(out.get("md5"))
+    tags.update(lineage.snapshot_tags(snapshot.path, settings))
     return tags
 
 
@@ -142,12 +145,22 @@ def _pip_requirements() -> list[str]:
 
 
 def model_signature(bundle: ModelBundle, reference: pd.DataFrame) -> ModelSignature:
-    """Inputs: the key and the modelled columns, typed as the training data holds them
-    (`double` for columns with nulls, `long` for integer columns without, `string`,
-    `boolean`); outputs: the default (anomaly) job's columns, every job's in the model's
-    metadata (`job_outputs`); params: job, k, seed, rows."""
+    """Inputs: the key and the modelled columns, each present, typed as the training data holds
+    them: `double` for float columns (a null is NaN), `string`, `boolean`, and `any` for
+    integer columns, which MLflow cannot type when they may hold nulls at scoring time (a null
+    makes pandas store them as floats, and MLflow never casts int64 to double); outputs: the
+    default (anomaly) job's columns, every job's in the model's metadata (`job_outputs`);
+    params: job, k, seed, rows."""
     frame = reference[bundle.schema.input_columns].reset_index(drop=True)
-    return infer_signature(frame, score_frame(bundle, frame.head(5), "anomaly"), params=DEFAULT_PARAMS)
+    inferred = infer_signature(frame, score_frame(bundle, frame.head(5), "anomaly"), params=DEFAULT_PARAMS)
+    integer = (DataType.long, DataType.integer)
+    inputs = Schema(
+        [
+            ColSpec(AnyType() if c.type in integer else c.type, c.name, required=True)
+            for c in inferred.inputs.inputs
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=inferred.outputs, params=inferred.params)
 
 
 def job_outputs(bundle: ModelBundle) -> dict[str, str]:
@@ -174,6 +187,7 @@ MODEL_PARAMS = (
     "train.max_minutes",
     "train.heldout_cells",
     "train.heldout_k",
+    "train.heldout_rows",
     "train.monitor",
     "train.patience",
     "train.gradient_clip_val",
@@ -204,6 +218,21 @@ def best_metrics(result: training.FitResult) -> dict[str, float]:
     if row:
         out.update(best_epoch=row["epoch"], best_step=row["step"])
     return out
+
+
+def log_datasets(snapshot: Snapshot, splits: dict[str, pd.DataFrame]) -> None:
+    """Each split as an MLflow dataset input of the active run (MLflow's Datasets tab): the
+    snapshot's split file as source, its md5 as digest, the schema and row count as profile."""
+    import mlflow.data
+
+    split_names = {"training": "train", "validation": "val", "evaluation": "eval"}
+    for context, frame in splits.items():
+        path = snapshot.split_path(split_names[context])
+        digest = _file_md5(path)[:16]
+        with warnings.catch_warnings():  # a local path is "a LocalArtifactDatasetSource" two ways
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=str(path), name=snapshot.name, digest=digest)
+        mlflow.log_input(dataset, context=context)
 
 
 def version_description(
@@ -318,6 +347,7 @@ def _train_in_run(
             }
         )
         mlflow.log_dict(_flatten(settings.model_dump(mode="json", by_alias=True)), "config/settings.json")
+        log_datasets(snapshot, {"training": train_df, "validation": val_df, "evaluation": eval_df})
         # keyed by data and config, not by run: a retried task resumes from its last checkpoint
         attempt = f"{run_tags['vaeflow.snapshot_md5'][:12]}-{run_tags['vaeflow.params_hash'][:12]}"
         ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / attempt

@@ -83,6 +83,13 @@ class ValidationHistory(Callback):
         self._loss: torch.Tensor | None = None
         self._batches = 0
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit resumed from a checkpoint (a retried task, in a new run): its validations so
+        far go to this run too, so `best_*` always names a step the run shows."""
+        if self.run is not None and trainer.is_global_zero:
+            for row in self.rows():
+                self._to_mlflow(row)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
         self._loss = loss if self._loss is None else self._loss + loss
@@ -124,7 +131,7 @@ class ValidationHistory(Callback):
         mlflow.MlflowClient(self.run.tracking_uri).log_batch(self.run.run_id, metrics=metrics)
 
     def _log_line(self, row: dict[str, float]) -> None:
-        best = min((r for r in self.rows() if self.monitor in r), key=lambda r: r[self.monitor], default=None)
+        best = best_row(self.rows(), self.monitor)
         values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "step"))
         tail = f" (best {best[self.monitor]:.4g} at step {int(best['step'])})" if best else ""
         log.info("epoch %d, step %d/%d: %s%s", row["epoch"], row["step"], self.max_steps, values, tail)
@@ -138,6 +145,7 @@ class ValidationHistory(Callback):
         for line in self.path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                r.setdefault("step", r["epoch"])  # a history written before steps were recorded
                 latest[r["step"]] = {**latest.get(r["step"], {}), **r}
         return [latest[s] for s in sorted(latest)]
 
@@ -154,7 +162,7 @@ class FitResult:
     schema: TableSchema  # the schema given, with each log1p column's imputation estimate chosen
     history: list[dict[str, float]]  # one row per validation (ValidationHistory)
     best_checkpoint: str | None
-    epochs: int  # passes over the training rows at the last validation
+    epochs: float  # passes over the training rows at the last validation
     budget: Budget
     monitor: str  # the metric that picked the kept weights
     best: dict[str, float]  # the history row of the kept weights
@@ -267,7 +275,12 @@ def fit(
             module.vae, held, schema, k=cfg.heldout_k, max_rows=cfg.heldout_rows, seed=cfg.seed
         )
     rows = history.rows()
-    epochs = int(max((r["epoch"] for r in rows), default=-1)) + 1
+    if not rows:
+        epochs = 0.0
+    elif history.per_epoch:  # validations at epoch ends
+        epochs = rows[-1]["epoch"] + 1.0
+    else:  # within an epoch (big tables): a fraction of a pass
+        epochs = rows[-1]["step"] / budget.steps_per_epoch
     return FitResult(module, schema, rows, best, epochs, budget, monitor, best_row(rows, monitor))
 
 

@@ -175,15 +175,16 @@ def test_changed_column_type_stops_the_flow_with_the_gx_report(tmp_path, prefect
 
 
 def test_help_on_every_command():
-    for command in ["run", "validate", "train", "promote", "rollback", "score", "serve"]:
+    for command in ["run", "validate", "train", "promote", "rollback", "score", "serve", "deploy"]:
         code, out, _ = vaeflow(None, command, "--help")
         assert code == 0 and "--params" in out
 
 
-def test_serve_without_a_server_says_what_to_do(project, monkeypatch):
+@pytest.mark.parametrize("command", ["serve", "deploy"])
+def test_serve_and_deploy_without_a_server_say_what_to_do(project, monkeypatch, command):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    code, _, err = vaeflow(None, "serve", "--params", str(project))
-    assert code == 2 and "prefect server start" in err
+    code, _, err = vaeflow(None, command, "--params", str(project))
+    assert code == 2 and f"vaeflow {command} needs a Prefect server" in err and "prefect server start" in err
 
 
 def test_read_back_helper_sees_project_warehouse(project, flights):

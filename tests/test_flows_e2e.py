@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -68,6 +69,12 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(pipeline_run):
     assert len(params) < 50 and "train.batch_size_used" in params
     for noise in ("train.checkpoint_dir", "train.progress_bar", "mlflow.tracking_uri", "score.chunk_size"):
         assert noise not in params
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # mlflow.data.context
+    assert set(inputs) == {"training", "validation", "evaluation"}
+    train_file = settings.path("data/snapshots") / "flights_small" / "train.parquet"
+    assert json.loads(inputs["training"].source)["uri"] == str(train_file)
+    assert inputs["training"].digest == hashlib.md5(train_file.read_bytes()).hexdigest()[:16]
+    assert json.loads(inputs["evaluation"].profile)["num_rows"] == run.data.metrics["eval_rows"]
     config = mlflow.artifacts.load_dict(f"runs:/{out['run_id']}/config/settings.json")
     assert config["train.checkpoint_dir"] == "data/checkpoints" and config["model.latent_dim"] == 4
     artifacts = {a.path.removeprefix("plots/") for a in client.list_artifacts(out["run_id"], "plots")}
@@ -128,8 +135,13 @@ def test_logged_pyfunc_model_predicts_every_job(pipeline_run, flights):
     imp = model.predict(rows, params={"job": "impute"})
     assert imp["dep_delay"].notna().all()
     # typed inputs: nullable (double) where the data has nulls, integer where it has none
-    inputs = {c.name: c.type.name for c in model.metadata.get_input_schema().inputs}
-    assert inputs["dep_delay"] == "double" and inputs["carrier"] == "string" and inputs["month"] == "long"
+    inputs = {c.name: c.to_dict()["type"] for c in model.metadata.get_input_schema().inputs}
+    assert inputs["dep_delay"] == "double" and inputs["carrier"] == "string" and inputs["month"] == "any"
+    # an integer column may hold a null when it is scored: it is imputed, not refused
+    holes = rows.astype({"month": "float64"})
+    holes.loc[holes.index[:3], "month"] = None
+    filled = model.predict(holes, params={"job": "impute"})
+    assert filled["month"].notna().all() and (filled["month"].iloc[3:] == rows["month"].iloc[3:]).all()
     assert set(model.metadata.metadata["job_outputs"]) == {"impute", "anomaly", "embed", "sample"}
     with pytest.raises(mlflow.exceptions.MlflowException, match=r"unknown job 'score'") as info:
         model.predict(rows, params={"job": "score"})

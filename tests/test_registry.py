@@ -12,6 +12,14 @@ from pipelines.config import load_settings
 from pipelines.errors import RegistryError
 from pipelines.registry import Measurement
 
+# one version's data, params and code
+LINEAGE = {
+    "vaeflow.snapshot_md5": "d1",
+    "vaeflow.params_hash": "p1",
+    "vaeflow.git_commit": "c1",
+    "vaeflow.code_version": "0.1",
+}
+
 
 @pytest.fixture
 def store(tmp_path):
@@ -304,12 +312,7 @@ def test_force_never_overrides_a_failed_validation(store):
 
 def test_a_nightly_rerun_of_a_rolled_back_version_is_not_promoted(store):
     settings, client, add = store
-    lineage = {
-        "vaeflow.snapshot_md5": "d1",
-        "vaeflow.params_hash": "p1",
-        "vaeflow.git_commit": "c1",
-        "vaeflow.code_version": "0.1",
-    }
+    lineage = dict(LINEAGE)
     registry.promote(client, "m", add(1.0, tags={**lineage, "vaeflow.snapshot_md5": "d0"}), settings)
     v2 = add(0.5, tags=lineage)
     assert registry.promote(client, "m", v2, settings).promoted
@@ -320,6 +323,26 @@ def test_a_nightly_rerun_of_a_rolled_back_version_is_not_promoted(store):
     assert client.get_model_version_by_alias("m", "champion").version == 1
     v4 = add(0.5, tags={**lineage, "vaeflow.snapshot_md5": "d2"})  # new data: the gate decides again
     assert registry.promote(client, "m", v4, settings).promoted
+
+
+def test_a_rerun_of_the_champion_is_not_promoted_on_training_noise(store):
+    """The issue's case: a retrain on identical data, params and code scored 0.0058 better by
+    chance. A rerun is refused whatever its score; new data goes through the gate again."""
+    settings, client, add = store
+    lineage = dict(LINEAGE)
+    v1 = add(1.0, tags=lineage)
+    registry.promote(client, "m", v1, settings)
+    v2 = add(0.5, tags=lineage)
+    d2 = registry.promote(client, "m", v2, settings)
+    assert not d2.promoted and f"same data, params and code as champion v{v1}" in d2.reason
+    assert client.get_model_version_by_alias("m", "champion").version == int(v1)
+    assert client.get_model_version("m", v2).tags["promotion.status"] == "refused"
+    v3 = add(0.5, tags={**lineage, "vaeflow.snapshot_md5": "d2"})
+    assert registry.promote(client, "m", v3, settings).promoted
+    untracked = add(0.2, tags={k: v for k, v in lineage.items() if k != "vaeflow.snapshot_md5"})
+    assert (
+        "same data" not in registry.promote(client, "m", untracked, settings).reason
+    )  # unknown data: the gate
 
 
 def test_a_registry_from_before_still_rolls_back_and_keeps_rolled_back_versions_out(store):

@@ -24,6 +24,7 @@ def test_validation_markdown_lists_blocking_failures_and_warnings():
         "success": False,
         "evaluated": 10,
         "failed": 1,
+        "warned": 1,
         "failures": [
             {
                 "expectation": "expect_column_values_to_be_between",
@@ -37,7 +38,7 @@ def test_validation_markdown_lists_blocking_failures_and_warnings():
     }
     text = summaries.validation_markdown(report)
     assert text.splitlines()[0] == "# Validation of `sales`: FAILED (training blocked)"
-    assert "9 of 10 expectations met" in text
+    assert "8 of 10 expectations met (1 blocking, 1 warnings)" in text
     blocking, warnings = text.split("## Blocking failures")[1].split("## Warnings")
     assert "| expect_column_values_to_be_between | sales | 10.01 |" in blocking and "price" not in blocking
     assert "| expect_column_median_to_be_between | price | - | 13.2 |" in warnings

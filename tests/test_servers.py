@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from contextlib import contextmanager
@@ -259,6 +260,16 @@ def test_champion_loads_in_a_fresh_process_and_serves_rest(topology):
         )
         with urllib.request.urlopen(req, timeout=60) as resp:
             answer = json.loads(resp.read())
+        bad = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({**body, "params": {"job": "scores"}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=60)
+        error = json.loads(refused.value.read())
+        assert refused.value.code == 400 and error["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "unknown job 'scores'" in error["message"] and "Traceback" not in json.dumps(error)
     preds = answer["predictions"]
     assert len(preds) == 5 and all("anomaly_score" in p and "is_anomaly" in p for p in preds)
 
@@ -271,6 +282,41 @@ def test_unreachable_tracking_server_is_one_clear_error(topology):
     )  # fmt: skip
     assert out.returncode == 2
     assert "unreachable" in out.stderr and env["MLFLOW_TRACKING_URI"] in out.stderr
+
+
+def test_deployments_on_a_work_pool_run_on_a_process_worker(topology):
+    """`vaeflow deploy` puts the same three deployments on a process work pool; a `prefect
+    worker` (not `vaeflow serve`) picks up their runs. Last on this topology: the deployments
+    move from the served runner to the pool."""
+    env, root = topology["env"], topology["root"]
+    if "model" not in topology:
+        pytest.skip("needs the trained champion from the first test")
+    pool = "vaeflow-test"
+    out = subprocess.run(
+        [str(BIN / "vaeflow"), "deploy", "--pool", pool, "--params", str(topology["params"])],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"prefect worker start --pool {pool}" in out.stdout
+    deployed = _deployments(env)
+    assert {name: d.work_pool_name for name, d in deployed.items()} == {
+        "retrain/nightly": pool,
+        "batch_score/nightly": pool,
+        "monitor/hourly": pool,
+    }
+    assert deployed["retrain/nightly"].entrypoint == "pipelines.flows.retrain"
+    log = root / "worker.log"
+    with _process([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"], env, log):
+        run_id = _run(env, "monitor/hourly", log)  # completed: the worker ran vaeflow's flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with (
+        temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as client,
+    ):
+        flow_run = client.read_flow_run(run_id)
+    assert flow_run.work_pool_name == pool and run_id in log.read_text()  # submitted by the worker
 
 
 def test_compose_file_matches_this_topology():

@@ -1,5 +1,6 @@
 """Training: a fit interrupted mid-way resumes from its last checkpoint (what a task retry does)."""
 
+import mlflow
 import pytest
 from lightning.pytorch.callbacks import Callback
 
@@ -35,16 +36,23 @@ def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights):
         training.fit(train_df, val_df, schema, settings, checkpoint_dir=ckpt, callbacks=[CrashAtEpoch(2)])
     assert (ckpt / "last.ckpt").exists()
     ran = EpochsRun()
-    resumed = training.fit(train_df, val_df, schema, settings, checkpoint_dir=ckpt, callbacks=[ran])
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    retry_run = client.create_run(client.create_experiment("retry")).info.run_id  # a retried task's new run
+    run = training.MlflowRun(f"sqlite:///{tmp_path}/m.db", retry_run)
+    resumed = training.fit(
+        train_df, val_df, schema, settings, checkpoint_dir=ckpt, callbacks=[ran], mlflow_run=run
+    )
     assert ran.epochs == [2, 3]  # epochs 0-1 were not redone
     assert [int(r["epoch"]) for r in resumed.history] == [0, 1, 2, 3]  # the loss curve is whole
+    # ... and so is the retry's run: the validations before the crash are in it too
+    assert sorted(m.step for m in client.get_metric_history(retry_run, "val_loss")) == [0, 1, 2, 3]
+    assert resumed.best["step"] in {r["step"] for r in resumed.history}
     fresh = training.fit(train_df, val_df, schema, settings, checkpoint_dir=tmp_path / "other")
     assert [int(r["epoch"]) for r in fresh.history] == [0, 1, 2, 3]
 
 
 def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path, flights):
     """Lightning DDP (ddp_spawn, 2 CPU processes, gloo): one model, metrics logged by rank 0 only."""
-    import mlflow
 
     settings = load_settings(
         small_params(
