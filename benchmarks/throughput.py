@@ -13,7 +13,16 @@ loop overhead and Dask scale-out, all measured in one run on this machine.
 3. peak RSS of each job at 1 M rows and at `--rows` (each job runs in its own process);
 4. seconds per epoch of Lightning training against a hand-written torch loop (same data,
    model, batch size, optimiser and gradient clipping), epoch by epoch in turns;
-5. the anomaly job on 1 vs 2 Dask workers (dask.distributed LocalCluster).
+5. the anomaly job on 1 vs 2 Dask workers (dask.distributed LocalCluster);
+6. embed on the same 1 M rows from PostgreSQL to PostgreSQL next to DuckDB to DuckDB (`--pg`,
+   default VAEFLOW_BENCH_PG, VAEFLOW_TEST_PG or postgresql://postgres@127.0.0.1:5432/test;
+   skipped when no server answers), each through `run_job` with default settings in its own
+   process, in turns for 3 rounds; each against the limit of its writer: the PostgreSQL run's
+   output rows (key and codes), already in memory, loaded into a fresh table by one bare binary
+   COPY of a payload built beforehand (ADBC's ingest of them is shown too), and by DuckDB's
+   `CREATE TABLE AS` from the same Arrow table.
+
+`--parts` runs some of them: jobs (2, 3), training (4), dask (5), postgres (6).
 """
 
 from __future__ import annotations
@@ -34,6 +43,13 @@ BARE_ROWS = 500_000  # rows the bare network is timed on (in memory, encoded bef
 ROUNDS = {"embed": 3, "anomaly": 1, "impute": 1}  # end-to-end runs on the full table per job
 BARE_SECONDS = 4.0  # each bare timing: whole passes over those rows until this long (2 at least)
 TRAIN_ROWS = 500_000
+PG_ROUNDS = 3  # embed runs per destination kind, in turns
+PG_URL = (
+    os.environ.get("VAEFLOW_BENCH_PG")
+    or os.environ.get("VAEFLOW_TEST_PG")
+    or "postgresql://postgres@127.0.0.1:5432/test"
+)
+PARTS = ("jobs", "training", "dask", "postgres")
 
 
 def make_table(path: Path, rows: int, table: str = "bench") -> None:
@@ -97,7 +113,7 @@ def train_bundle(workdir: Path, warehouse: Path, k: int):
 
 def score_main(args: list[str]) -> None:
     """Child process: run one job end to end (or, with source `bare`, only the network on
-    in-memory tensors) and print its JSON result; the parent reads its peak RSS."""
+    in-memory tensors) and print its JSON result, with its peak RSS."""
     workdir, warehouse, job, k, source = Path(args[0]), Path(args[1]), args[2], int(args[3]), args[4]
     from pipelines.scoring import run_job
     from vae_models.bundle import load_bundle
@@ -115,11 +131,24 @@ def score_main(args: list[str]) -> None:
         print(json.dumps({"rows": rows, "seconds": seconds, "concurrent": both}))
         return
     result = run_job(bundle, job, source, f"{source}_{job}", settings, model_version="bench", run_id="bench")
-    print(json.dumps({"rows": result.rows, "seconds": result.seconds}))
+    print(json.dumps({"rows": result.rows, "seconds": result.seconds, "peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS (VmHWM, MB). A parent's `wait4` is no measure of it: a child
+    spawned from a process holding ~980 MB (the trained model, the training sample) reported
+    ~980 MB whatever it did, since the kernel keeps the high-water mark of the memory it had
+    before exec (measured)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(x for x in status if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024  # kB
 
 
 def run_child(workdir: Path, warehouse: Path, job: str, k: int, source: str) -> dict:
-    """Run a job in its own process; returns rows/s and the process's peak RSS (wait4).
+    """Run a job in its own process; returns rows/s and the process's peak RSS (its VmHWM).
 
     The child's stderr (logs, warnings) goes to a file: reading two pipes one after the other
     would hang once the unread one filled up."""
@@ -148,7 +177,8 @@ def run_child(workdir: Path, warehouse: Path, job: str, k: int, source: str) -> 
             raise RuntimeError(f"{job} on {source} failed:\n{err_file.read()[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result["rows_per_s"] = result["rows"] / result["seconds"]
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    if result.get("peak_rss_mb") is None:  # the child's own figure; else what wait4 gives (an upper bound)
+        result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
     return result
 
 
@@ -187,6 +217,112 @@ def measure_job(workdir: Path, warehouse: Path, job: str, k: int, rounds: int) -
         "peak_rss_mb_full": max(r["peak_rss_mb"] for r in runs),
         "seconds": float(np.median([r["seconds"] for r in runs])),
     }
+
+
+def measure_postgres(workdir: Path, warehouse: Path, k: int, pg_url: str, source: str = "bench_1m") -> dict:
+    """embed from PostgreSQL to PostgreSQL next to DuckDB to DuckDB on the same rows and model
+    (`source`, copied into PostgreSQL first), `PG_ROUNDS` runs each in turns (who goes first
+    alternating), then the bare loads of the output: rows/s, and the medians of the ratios."""
+    import psycopg
+
+    from pipelines.credentials import redact
+    from pipelines.warehouse import iter_frames, parse_ref, write_table
+
+    try:
+        psycopg.connect(pg_url, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        return {"skipped": f"no PostgreSQL at {redact(pg_url)}: {redact(str(exc).strip().splitlines()[0])}"}
+
+    name = f"vaeflow_bench_{os.getpid()}"
+    pg_source = f"{pg_url}#{name}"
+    try:
+        t0 = time.perf_counter()
+        write_table(parse_ref(pg_source, ""), iter_frames(parse_ref(source, f"duckdb:///{warehouse}"), CHUNK))
+        copy_s = time.perf_counter() - t0
+        duck, pg = [], []
+        for i in range(PG_ROUNDS):
+            for where in (source, pg_source) if i % 2 == 0 else (pg_source, source):
+                (duck if where == source else pg).append(run_child(workdir, warehouse, "embed", k, where))
+        limits = bare_loads(pg_url, f"{name}_embed", workdir)
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as con:
+            for table in (name, f"{name}_embed", f"{name}_embed_bare"):
+                con.execute(f'DROP TABLE IF EXISTS "{table}"')
+    duck_rate = [r["rows_per_s"] for r in duck]
+    pg_rate = [r["rows_per_s"] for r in pg]
+    return {
+        "rows": pg[0]["rows"],
+        "copy_source_s": copy_s,
+        "duckdb_rows_per_s": float(np.median(duck_rate)),
+        "postgres_rows_per_s": float(np.median(pg_rate)),
+        "ratio": float(np.median(np.array(pg_rate) / np.array(duck_rate))),
+        "round_ratios": [p / d for p, d in zip(pg_rate, duck_rate, strict=True)],
+        "duckdb_runs_rows_per_s": duck_rate,
+        "postgres_runs_rows_per_s": pg_rate,
+        "peak_rss_mb_duckdb": max(r["peak_rss_mb"] for r in duck),
+        "peak_rss_mb_postgres": max(r["peak_rss_mb"] for r in pg),
+        **limits,
+        "postgres_to_copy": float(np.median(pg_rate)) / limits["copy_rows_per_s"],
+        "duckdb_to_insert": float(np.median(duck_rate)) / limits["duckdb_insert_rows_per_s"],
+    }
+
+
+def bare_loads(pg_url: str, output: str, workdir: Path, repeats: int = 3) -> dict:
+    """The limit of each writer: the PostgreSQL output's rows without the tag columns (which
+    the writer adds in the catalog, not per row), in memory beforehand, loaded into a fresh
+    table by one bare binary COPY of the payload built beforehand (psycopg), by ADBC's ingest
+    of the Arrow table (the same binary COPY, encoded row by row), and by DuckDB's `CREATE TABLE
+    AS` from the Arrow table; medians of `repeats` loads each."""
+    import duckdb
+    import psycopg
+    from adbc_driver_postgresql import dbapi
+
+    from pipelines.warehouse_postgres import binary_copy
+
+    with dbapi.connect(pg_url, autocommit=True) as con, con.cursor() as cur:
+        cur.execute(f'SELECT * FROM "{output}"')
+        data = cur.fetch_arrow_table().drop_columns(["model_version", "run_id"])
+    data = data.replace_schema_metadata(None).cast(pa_schema(data))
+    types = {"int64": "bigint", "float": "real", "double": "double precision"}
+    columns = ", ".join(f'"{f.name}" {types[str(f.type)]}' for f in data.schema)
+    create = f'CREATE TABLE "{output}_bare" ({columns})'
+    payload = binary_copy(data)
+    copy, ingest = [], []
+    with psycopg.connect(pg_url, autocommit=True) as con:
+        for _ in range(repeats):
+            con.execute(f'DROP TABLE IF EXISTS "{output}_bare"')
+            con.execute(create)
+            t0 = time.perf_counter()
+            with con.cursor() as cur, cur.copy(f'COPY "{output}_bare" FROM STDIN (FORMAT binary)') as cp:
+                cp.write(payload)
+            copy.append(time.perf_counter() - t0)
+    with dbapi.connect(pg_url, autocommit=True) as con, con.cursor() as cur:
+        for _ in range(repeats):
+            cur.execute(f'DROP TABLE IF EXISTS "{output}_bare"')
+            cur.execute(create)
+            t0 = time.perf_counter()
+            cur.adbc_ingest(f"{output}_bare", data, mode="append")
+            ingest.append(time.perf_counter() - t0)
+    insert = []
+    for i in range(repeats):
+        with duckdb.connect(str(workdir / f"bare-{i}.duckdb")) as duck:
+            duck.register("data", data)
+            t0 = time.perf_counter()
+            duck.execute("CREATE TABLE bare AS SELECT * FROM data")
+            insert.append(time.perf_counter() - t0)
+        (workdir / f"bare-{i}.duckdb").unlink()
+    return {
+        "copy_rows_per_s": data.num_rows / float(np.median(copy)),
+        "adbc_ingest_rows_per_s": data.num_rows / float(np.median(ingest)),
+        "duckdb_insert_rows_per_s": data.num_rows / float(np.median(insert)),
+    }
+
+
+def pa_schema(table):
+    """`table`'s schema without the driver's field metadata."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(f.name, f.type) for f in table.schema])
 
 
 def bare_timing(bundle, df, job: str, k: int, concurrent: int = 1) -> tuple[int, float]:
@@ -338,7 +474,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--k", type=int, default=8, help="importance samples of anomaly and impute")
     parser.add_argument("--out", default="reports/benchmarks/throughput.json")
+    parser.add_argument("--pg", default=PG_URL, help="PostgreSQL for the postgres part ('' skips it)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     args = parser.parse_args(argv)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if parts - set(PARTS):
+        parser.error(f"unknown part(s) {', '.join(sorted(parts - set(PARTS)))}: use {', '.join(PARTS)}")
     import logging
     import warnings
 
@@ -361,14 +502,20 @@ def main(argv: list[str] | None = None) -> None:
         from vae_models.bundle import load_bundle
 
         bundle = load_bundle(bundle_path)
-        jobs = {}
-        for job in ("embed", "anomaly", "impute"):
-            jobs[job] = measure_job(workdir, warehouse, job, args.k, ROUNDS[job])
-            print(f"{job}: {jobs[job]}", flush=True)
-        results["jobs"] = jobs
-        results["training"] = training_epochs(sample, bundle.schema)
-        print(f"training: {results['training']}", flush=True)
-        results["dask"] = dask_scaleout(workdir, warehouse, bundle_path, args.k, "bench_1m")
+        if "jobs" in parts:
+            jobs = {}
+            for job in ("embed", "anomaly", "impute"):
+                jobs[job] = measure_job(workdir, warehouse, job, args.k, ROUNDS[job])
+                print(f"{job}: {jobs[job]}", flush=True)
+            results["jobs"] = jobs
+        if "postgres" in parts and args.pg:
+            results["postgres"] = measure_postgres(workdir, warehouse, args.k, args.pg)
+            print(f"postgres: {results['postgres']}", flush=True)
+        if "training" in parts:
+            results["training"] = training_epochs(sample, bundle.schema)
+            print(f"training: {results['training']}", flush=True)
+        if "dask" in parts:
+            results["dask"] = dask_scaleout(workdir, warehouse, bundle_path, args.k, "bench_1m")
     results["seconds"] = time.perf_counter() - t_start
     print(report(results))
     out = Path(args.out)
@@ -381,40 +528,71 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(r: dict) -> str:
     full = f"{r['rows'] / 1e6:g}M"
-    lines = [
-        f"\nBatch scoring, DuckDB -> DuckDB, {full} rows, chunk {r['chunk_size']}, K={r['k']} ({r['cpus']} CPUs)",
-        f"{'job':>8} {'e2e rows/s':>12} {'bare rows/s':>12} {'e2e/bare':>9} "
-        f"{'bare, 2 at once':>16} {'e2e/that':>9} {'RSS 1M MB':>10} {'RSS ' + full + ' MB':>11}",
-    ]
-    for job, j in r["jobs"].items():
+    lines, targets = [], []
+    if "jobs" in r:
+        lines += [
+            f"\nBatch scoring, DuckDB -> DuckDB, {full} rows, chunk {r['chunk_size']}, K={r['k']} ({r['cpus']} CPUs)",
+            f"{'job':>8} {'e2e rows/s':>12} {'bare rows/s':>12} {'e2e/bare':>9} "
+            f"{'bare, 2 at once':>16} {'e2e/that':>9} {'RSS 1M MB':>10} {'RSS ' + full + ' MB':>11}",
+        ]
+        for job, j in r["jobs"].items():
+            lines.append(
+                f"{job:>8} {j['e2e_rows_per_s']:12.0f} {j['bare_rows_per_s']:12.0f} {j['ratio']:9.2f} "
+                f"{j['bare_concurrent_rows_per_s']:16.0f} {j['ratio_to_concurrent']:9.2f} "
+                f"{j['peak_rss_mb_1m']:10.0f} {j['peak_rss_mb_full']:11.0f}"
+            )
         lines.append(
-            f"{job:>8} {j['e2e_rows_per_s']:12.0f} {j['bare_rows_per_s']:12.0f} {j['ratio']:9.2f} "
-            f"{j['bare_concurrent_rows_per_s']:16.0f} {j['ratio_to_concurrent']:9.2f} "
-            f"{j['peak_rss_mb_1m']:10.0f} {j['peak_rss_mb_full']:11.0f}"
+            "(bare: one chunk at a time on all torch threads; bare, 2 at once: two chunks side by side "
+            "on one thread each, as the jobs score; medians of the rounds)"
         )
-    lines.append(
-        "(bare: one chunk at a time on all torch threads; bare, 2 at once: two chunks side by side "
-        "on one thread each, as the jobs score; medians of the rounds)"
-    )
-    for job, j in r["jobs"].items():
-        if len(j.get("round_ratios", [])) > 1:
-            lines.append(f"{job} e2e/bare by round: " + ", ".join(f"{x:.2f}" for x in j["round_ratios"]))
-    t = r["training"]
-    embed = r["jobs"]["embed"]["ratio"]
-    rss = max(j["peak_rss_mb_full"] for j in r["jobs"].values())
-    lines += [
-        f"\nTraining, {t['rows']} rows, batch 1024, epochs taking turns (medians): "
-        f"Lightning {t['lightning_s_per_epoch']:.2f} s/epoch, plain torch loop "
-        f"{t['plain_s_per_epoch']:.2f} s/epoch, ratio {t['ratio']:.2f} "
-        f"(fastest epoch against fastest: {t['fastest_ratio']:.2f})",
-        f"Dask scale-out (anomaly, 1M rows): 1 worker {r['dask'][1]['seconds']:.1f} s, "
-        f"2 workers {r['dask'][2]['seconds']:.1f} s, speedup {r['dask']['speedup']:.2f}x",
-        "\nTargets:",
-        f"  embed end to end >= 0.70x bare     {embed:.3f}    {_verdict(embed >= 0.70)}",
-        f"  peak RSS at {full} rows < 1500 MB  {rss:.0f}     {_verdict(rss < 1500)}",
-        f"  Lightning epoch <= 1.10x plain     {t['ratio']:.3f}    {_verdict(t['ratio'] <= 1.10)}",
-        f"\nwall time {r['seconds']:.0f} s",
-    ]
+        for job, j in r["jobs"].items():
+            if len(j.get("round_ratios", [])) > 1:
+                lines.append(f"{job} e2e/bare by round: " + ", ".join(f"{x:.2f}" for x in j["round_ratios"]))
+        embed = r["jobs"]["embed"]["ratio"]
+        rss = max(j["peak_rss_mb_full"] for j in r["jobs"].values())
+        targets += [
+            f"  embed end to end >= 0.70x bare     {embed:.3f}    {_verdict(embed >= 0.70)}",
+            f"  peak RSS at {full} rows < 1500 MB  {rss:.0f}     {_verdict(rss < 1500)}",
+        ]
+    if "postgres" in r:
+        p = r["postgres"]
+        if "skipped" in p:
+            lines.append(f"\nembed, PostgreSQL -> PostgreSQL: skipped ({p['skipped']})")
+        else:
+            lines += [
+                f"\nembed, {p['rows'] / 1e6:g}M rows, same model, {PG_ROUNDS} runs each in turns (medians)",
+                f"{'':>24} {'e2e rows/s':>12} {'limit rows/s':>13} {'e2e/limit':>10} {'peak RSS MB':>12}",
+                f"{'DuckDB -> DuckDB':>24} {p['duckdb_rows_per_s']:12.0f} {p['duckdb_insert_rows_per_s']:13.0f} "
+                f"{p['duckdb_to_insert']:10.2f} {p['peak_rss_mb_duckdb']:12.0f}",
+                f"{'PostgreSQL -> PostgreSQL':>24} {p['postgres_rows_per_s']:12.0f} {p['copy_rows_per_s']:13.0f} "
+                f"{p['postgres_to_copy']:10.2f} {p['peak_rss_mb_postgres']:12.0f}",
+                "(limit: the output's key and codes, in memory, loaded by one bare binary COPY of a "
+                "payload built beforehand / DuckDB's CREATE TABLE AS from the same Arrow table; "
+                f"ADBC's ingest of that table: {p['adbc_ingest_rows_per_s']:.0f} rows/s)",
+                "PostgreSQL/DuckDB by round: " + ", ".join(f"{x:.2f}" for x in p["round_ratios"]),
+            ]
+            targets.append(
+                f"  PostgreSQL embed >= 0.50x DuckDB   {p['ratio']:.3f}    {_verdict(p['ratio'] >= 0.5)}"
+            )
+    if "training" in r:
+        t = r["training"]
+        lines.append(
+            f"\nTraining, {t['rows']} rows, batch 1024, epochs taking turns (medians): "
+            f"Lightning {t['lightning_s_per_epoch']:.2f} s/epoch, plain torch loop "
+            f"{t['plain_s_per_epoch']:.2f} s/epoch, ratio {t['ratio']:.2f} "
+            f"(fastest epoch against fastest: {t['fastest_ratio']:.2f})"
+        )
+        targets.append(
+            f"  Lightning epoch <= 1.10x plain     {t['ratio']:.3f}    {_verdict(t['ratio'] <= 1.10)}"
+        )
+    if "dask" in r:
+        lines.append(
+            f"Dask scale-out (anomaly, 1M rows): 1 worker {r['dask'][1]['seconds']:.1f} s, "
+            f"2 workers {r['dask'][2]['seconds']:.1f} s, speedup {r['dask']['speedup']:.2f}x"
+        )
+    if targets:
+        lines += ["\nTargets:", *targets]
+    lines.append(f"\nwall time {r['seconds']:.0f} s")
     return "\n".join(lines)
 
 

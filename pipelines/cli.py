@@ -298,18 +298,28 @@ def stage_ingest(params: Params = None, sets: Sets = None) -> None:
     from pipelines import ingest
 
     settings = _settings(params, sets)
+    _configured_snapshot(settings)  # dvc.yaml can name its outputs: before any work
     ingest.seed_warehouse(settings)
     snap = ingest.take_snapshot(settings, settings.data.source, settings.data.key)
     typer.echo(f"snapshot {snap.path}: {snap.manifest['rows']}")
 
 
 def _configured_snapshot(settings):
+    """The snapshot of `data.source`, whose folder dvc.yaml names `data/snapshots/${data.source}`:
+    the DVC stages need `data.source` to be a table name of the warehouse."""
     from pipelines import ingest
     from pipelines.warehouse import parse_ref
 
-    return ingest.Snapshot(
+    snap = ingest.Snapshot(
         ingest.snapshot_path(settings, parse_ref(settings.data.source, settings.warehouse_url))
     )
+    if snap.name != settings.data.source:
+        raise VaeflowError(
+            f"dvc.yaml names the DVC stages' outputs after data.source ({settings.data.source!r}), but its "
+            f"snapshot is {snap.name!r}: the DVC stages need data.source to be a table name of the warehouse. "
+            f"Load the file into the warehouse, or train it with `vaeflow train --source ...`"
+        )
+    return snap
 
 
 @stage_app.command("validate")
@@ -342,7 +352,9 @@ def stage_train(params: Params = None, sets: Sets = None) -> None:
     report = validation.ValidationReport.from_dict(data)
     trained = stages.direct(stages.train, settings, str(snap.path), settings.mlflow.model_name, report)
     decision = stages.direct(stages.promote, settings, trained.name, trained.version, str(snap.path))
+    champion = stages.champion_outputs(settings, trained.name, snap.name)  # DVC and the registry agree
     typer.echo(f"registered {trained.name} v{trained.version}; {decision.reason}")
+    typer.echo(f"{settings.train.model_dir}/{trained.name} and metrics.json: the champion, v{champion}")
 
 
 @stage_app.command("score")

@@ -331,7 +331,9 @@ def run_job(
             frames = _not_empty(prefetch(iter_frames(src, cfg.chunk_size, threads=threads)), src)
             chunks = _scored(bundle, job, frames, settings)
             with contextlib.closing(_progress(chunks, job, total, cfg.progress_bar)) as scored:
-                rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
+                rows = write_table(
+                    dst, scored, tags, threads=threads, compress_floats=compress_floats, key=bundle.schema.key
+                )
         else:
             scratch_root = settings.path(cfg.dask.scratch_dir)
             scratch_root.mkdir(parents=True, exist_ok=True)
@@ -341,7 +343,14 @@ def run_job(
                 with contextlib.closing(
                     _progress(_read_parts(parts), job, total, cfg.progress_bar)
                 ) as scored:
-                    rows = write_table(dst, scored, tags, threads=threads, compress_floats=compress_floats)
+                    rows = write_table(
+                        dst,
+                        scored,
+                        tags,
+                        threads=threads,
+                        compress_floats=compress_floats,
+                        key=bundle.schema.key,
+                    )
     seconds = time.perf_counter() - start
     result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
     log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)

@@ -150,6 +150,24 @@ def promote(settings: Settings, name: str, version: str, snapshot_path: str) -> 
     return registry.promote(client, name, version, settings, score=rescorer(settings, snapshot_path, name))
 
 
+def champion_outputs(settings: Settings, name: str, snapshot_name: str) -> str:
+    """DVC's train outputs describe the registry's champion: its bundle in
+    `train.model_dir/NAME` and its metrics (with `model_version`) in `reports/SNAPSHOT/metrics.json`
+    (after a refused challenger, the champion's again). Returns the champion's version."""
+    from pipelines import atomic, training
+    from vae_models.bundle import save_bundle
+
+    bundle, resolved = registry.load_bundle(settings, f"models:/{name}@{registry.CHAMPION}")
+    model_dir = settings.path(settings.train.model_dir) / name
+    with atomic.target_lock(model_dir):
+        save_bundle(bundle, model_dir)
+    metrics = dict(registry.get_client(settings).get_run(resolved.run_id).data.metrics)
+    training.write_dvc_outputs(
+        {**metrics, "model_version": float(resolved.version)}, settings.path("reports") / snapshot_name
+    )
+    return resolved.version
+
+
 DaskRunner = Callable[[Settings, str, str, str, list[scoring.Partition]], None]
 
 

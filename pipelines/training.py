@@ -370,11 +370,11 @@ def heldout_cell_metrics(vae: TabularVAE, table: EncodedTable, settings: Setting
 
 
 def write_dvc_outputs(metrics: dict[str, float], out_dir: Path) -> Path:
-    """metrics.json beside the plot CSVs, where dvc.yaml declares them."""
+    """metrics.json beside the plot CSVs, where dvc.yaml declares them (written atomically)."""
+    from pipelines import atomic
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return path
+    return atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def snapshot_frames(snapshot: Snapshot) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -12,7 +12,9 @@ PostgreSQL server, database, schema and (quoted, case-sensitive) name.
 Reads stream in Arrow record batches. Writes take a per-destination lock, remove what a killed
 writer of that destination left, fill a uniquely named staging table or temp file, refuse an
 empty result, and only then replace the target in one transaction or rename: a failed job
-leaves the previous output intact.
+leaves the previous output intact. PostgreSQL data moves as Arrow by binary COPY both ways
+(ADBC's driver, or a numpy-built payload through psycopg for fixed-width chunks;
+`pipelines.warehouse_postgres` shapes it); control statements go through psycopg.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines import atomic
+from pipelines import warehouse_postgres as pg_arrow
 from pipelines.credentials import redact
 from pipelines.errors import DataError, SourceError, TransientError, disk_full
 
@@ -297,6 +300,32 @@ def _postgres(url: str):
         con.close()
 
 
+@contextlib.contextmanager
+def _adbc(url: str):
+    """An autocommit ADBC connection for bulk data (binary COPY in and out; 10 s to connect),
+    its errors like `_postgres`'s: a server that does not answer, or a connection lost while
+    reading or writing, is a `TransientError`; refused credentials or a missing database are not."""
+    import adbc_driver_manager
+    from adbc_driver_postgresql import dbapi
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        con = dbapi.connect(make_conninfo(url, connect_timeout=10), autocommit=True)
+    except adbc_driver_manager.Error as exc:
+        said = redact(str(exc).removeprefix("IO: ").strip())
+        kind = SourceError if any(p in said for p in _PG_PERMANENT) else TransientError
+        raise kind(f"cannot connect to PostgreSQL at {redact(url)}: {said}") from exc
+    try:
+        yield con
+    except adbc_driver_manager.OperationalError as exc:
+        raise TransientError(
+            f"the connection to PostgreSQL at {redact(url)} failed: {redact(str(exc).strip())}"
+        ) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            con.close()
+
+
 def table_exists(ref: TableRef, read_only: bool = False) -> bool:
     """Whether the file or table exists (`read_only`: open DuckDB read-only, as concurrent
     partition readers in other processes must). DuckDB names match case-insensitively."""
@@ -380,13 +409,35 @@ def iter_frames(
                     raise
                 raise _out_of_memory(con, f"reading {ref}", exc) from exc
     else:
-        window = " ORDER BY ctid LIMIT %s OFFSET %s" if ranged else ""
-        with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_read") as cur:
-            cur.itersize = chunk_size
-            cur.execute(f"SELECT * FROM {ref.quoted()}{window}", (limit, offset) if ranged else None)
-            while rows := cur.fetchmany(chunk_size):
-                names = [d.name for d in cur.description]
-                yield _fix_decimals(pd.DataFrame.from_records(rows, columns=names))
+        yield from _iter_postgres(ref, chunk_size, offset, limit, ranged)
+
+
+def _iter_postgres(
+    ref: TableRef, chunk_size: int, offset: int, limit: int | None, ranged: bool
+) -> Iterator[pd.DataFrame]:
+    """A PostgreSQL table as DataFrames of `chunk_size` rows: ADBC's record batches (binary
+    COPY, ~16 MB each) re-cut to `chunk_size` and converted at the end, or, for a table with a
+    column ADBC has no plain Arrow type for (uuid, json, interval, arrays...), rows fetched with
+    psycopg, as they always were."""
+    window = f" ORDER BY ctid LIMIT {'ALL' if limit is None else int(limit)} OFFSET {int(offset)}"
+    sql = f"SELECT * FROM {ref.quoted()}{window if ranged else ''}"
+    with _adbc(ref.location) as con, con.cursor() as cur:
+        schema = cur.adbc_execute_schema(sql)
+        if pg_arrow.readable(schema):
+            timezone = None
+            if pg_arrow.has_timestamptz(schema):  # psycopg gave the session's zone
+                cur.execute("SELECT current_setting('TimeZone')")
+                timezone = cur.fetchone()[0]
+            cur.execute(sql)
+            for table in pg_arrow.rechunk(cur.fetch_record_batch(), chunk_size):
+                yield pg_arrow.to_pandas(table, timezone)
+            return
+    with _postgres(ref.location) as con, con.transaction(), con.cursor(name="vaeflow_read") as cur:
+        cur.itersize = chunk_size
+        cur.execute(sql)
+        while rows := cur.fetchmany(chunk_size):
+            names = [d.name for d in cur.description]
+            yield _fix_decimals(pd.DataFrame.from_records(rows, columns=names))
 
 
 def _rechunk(frames: Iterator[pd.DataFrame], chunk_size: int) -> Iterator[pd.DataFrame]:
@@ -562,21 +613,7 @@ def _empty_frame(ref: TableRef) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- writing
 
-_PG_TYPES = {"b": "boolean", "i": "bigint", "u": "bigint", "f": "double precision"}
-
-
-def _pg_type(dtype) -> str:
-    kind = getattr(dtype, "kind", "O")
-    if isinstance(dtype, pd.BooleanDtype):
-        return "boolean"
-    return _PG_TYPES.get(kind, "text")
-
-
 Frame = pd.DataFrame | pa.Table  # what the writers take: a pandas frame or an Arrow table
-
-
-def _pandas(frame: Frame) -> pd.DataFrame:
-    return frame.to_pandas() if isinstance(frame, pa.Table) else frame
 
 
 def _names(frame: Frame) -> list[str]:
@@ -590,6 +627,7 @@ def write_table(
     *,
     threads: int | None = None,
     compress_floats: bool = True,
+    key: str | None = None,
 ) -> int:
     """Write all frames (DataFrames or Arrow tables) to `ref` atomically, replacing what was
     there; returns the row count.
@@ -603,6 +641,9 @@ def write_table(
     by the writer rather than carried through each chunk. `threads` caps DuckDB's worker threads.
     `compress_floats=False` stores a DuckDB output's floating-point columns uncompressed: for
     values no float codec can shrink (embeddings), it skips DuckDB's ALP/ALP-RD analysis.
+    `key` names the output's key column: a PostgreSQL output gets it as its primary key (a key
+    with duplicates or nulls is a `DataError` and the target stays as it was); DuckDB and
+    files ignore it.
     """
     constants = constants or {}
     frames = _checked(ref, frames, constants)
@@ -611,7 +652,7 @@ def write_table(
     with atomic.named_lock(f"table:{ref.digest}", str(ref)):
         if ref.kind == "duckdb":
             return _write_duckdb(ref, frames, constants, threads, compress_floats)
-        return _write_postgres(ref, (_pandas(frame).assign(**constants) for frame in frames))
+        return _write_postgres(ref, frames, constants, key)
 
 
 def _checked(ref: TableRef, frames: Iterable[Frame], constants: dict[str, str]) -> Iterator[Frame]:
@@ -903,11 +944,12 @@ def advisory_lock(con, key: int, what: str, timeout: float | None = None) -> Ite
             con.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
-def _pg_swap(con, staging: TableRef, ref: TableRef, tries: int = 3) -> None:
+def _pg_swap(con, staging: TableRef, ref: TableRef, tries: int = 3, pkey: str | None = None) -> None:
     """Replace `ref` by `staging` in one transaction. Renaming a table also renames its array
     type, `_` + the name cut to 63 bytes: two targets sharing their first 62 bytes, swapped at
     the same moment, collide there (a unique violation, the transaction rolled back), so the
-    swap is tried again."""
+    swap is tried again. `pkey`, the staging table's primary-key index, becomes `<target>_pkey`
+    (the name cut to 63 bytes) when no other relation has that name."""
     import psycopg
 
     for attempt in range(tries):
@@ -915,6 +957,13 @@ def _pg_swap(con, staging: TableRef, ref: TableRef, tries: int = 3) -> None:
             with con.transaction():
                 con.execute(f"DROP TABLE IF EXISTS {ref.quoted()}")
                 con.execute(f"ALTER TABLE {staging.quoted()} RENAME TO {_quote(ref.parts[1])}")
+                if pkey is not None:
+                    name = _pkey_name(ref.parts[1])
+                    taken = "SELECT to_regclass(%s) IS NOT NULL"
+                    if not con.execute(taken, (f"{_quote(ref.parts[0])}.{_quote(name)}",)).fetchone()[0]:
+                        con.execute(
+                            f"ALTER INDEX {_quote(ref.parts[0])}.{_quote(pkey)} RENAME TO {_quote(name)}"
+                        )
             return
         except psycopg.errors.UniqueViolation:
             if attempt == tries - 1:
@@ -922,40 +971,110 @@ def _pg_swap(con, staging: TableRef, ref: TableRef, tries: int = 3) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
-def _write_postgres(ref: TableRef, frames: Iterable[pd.DataFrame]) -> int:
+def _pkey_name(table: str) -> str:
+    """`<table>_pkey`, PostgreSQL's own name for a primary key, the table's name cut to fit 63 bytes."""
+    cut = table
+    while len(cut.encode()) > 63 - len("_pkey"):
+        cut = cut[:-1]
+    return f"{cut}_pkey"
+
+
+def _write_postgres(
+    ref: TableRef, frames: Iterable[Frame], constants: dict[str, str], key: str | None
+) -> int:
+    """Fill a staging table chunk by chunk, one binary COPY (and transaction) a chunk, then add
+    the constants and the primary key and swap it in for the target in one transaction, under
+    an advisory lock on the target. A chunk of fixed-width columns without nulls goes as one
+    numpy-built COPY payload through psycopg (`warehouse_postgres.binary_copy`), any other
+    through ADBC's bulk ingest.
+
+    Column types come from the first chunk (`warehouse_postgres.PG_TYPES`: float32 is `real`);
+    later chunks are cast to them. `constants` are added at the end as text columns whose value
+    PostgreSQL keeps once in its catalog (`ADD COLUMN ... DEFAULT`, no table rewrite; the default
+    is dropped again, so later inserts do not inherit it).
+    """
+    import adbc_driver_manager
     import psycopg
 
     staging = _staging(ref)
-    schema = _quote(ref.parts[0])
-    rows = 0
+    schema = ref.parts[0]
+    rows, types = 0, None
     with _postgres(ref.location) as con, advisory_lock(con, _advisory_key(ref), f"writing {ref}"):
         try:
             with con.transaction():
                 if len(ref.table) == 2:
-                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+                    con.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
                 for stale in _stale_staging(con, ref, "%s"):
-                    con.execute(f"DROP TABLE IF EXISTS {schema}.{_quote(stale)}")
-            created = False
-            for frame in frames:
-                with con.transaction():
-                    if not created:
-                        cols = ", ".join(f"{_quote(str(c))} {_pg_type(t)}" for c, t in frame.dtypes.items())
+                    con.execute(f"DROP TABLE IF EXISTS {_quote(schema)}.{_quote(stale)}")
+            with contextlib.ExitStack() as stack:
+                bulk = None  # an ADBC cursor, opened for the first chunk that needs it
+                for frame in frames:
+                    table = pg_arrow.arrow_table(frame, ref)
+                    if types is None:
+                        types = table.schema
+                        cols = ", ".join(f"{_quote(f.name)} {pg_arrow.PG_TYPES[f.type]}" for f in types)
                         con.execute(f"CREATE TABLE {staging.quoted()} ({cols})")
-                        created = True
-                    names = ", ".join(_quote(str(c)) for c in frame.columns)
-                    with con.cursor() as cur, cur.copy(f"COPY {staging.quoted()} ({names}) FROM STDIN") as cp:
-                        for record in frame.astype(object).where(frame.notna(), None).itertuples(index=False):
-                            cp.write_row(record)
-                rows += len(frame)
+                        copy = f"COPY {staging.quoted()} ({', '.join(_quote(n) for n in types.names)}) "
+                    table = pg_arrow.conform(table, types, ref, rows)
+                    if not table.num_rows:
+                        continue
+                    if (payload := pg_arrow.binary_copy(table)) is not None:
+                        with con.cursor() as cur, cur.copy(copy + "FROM STDIN (FORMAT binary)") as cp:
+                            cp.write(payload)
+                    else:
+                        if bulk is None:
+                            bulk = stack.enter_context(
+                                contextlib.closing(stack.enter_context(_adbc(ref.location)).cursor())
+                            )
+                        bulk.adbc_ingest(staging.parts[1], table, mode="append", db_schema_name=schema)
+                    rows += table.num_rows
             if rows == 0:
                 raise _nothing_written(ref)
-            _pg_swap(con, staging, ref)
+            pkey = _pg_finish(con, staging, ref, constants, key if key in types.names else None)
+            _pg_swap(con, staging, ref, pkey=pkey)
         except BaseException as exc:
             with contextlib.suppress(Exception):  # best effort: the original error is what counts
                 con.execute(f"DROP TABLE IF EXISTS {staging.quoted()}")
-            if isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError):
-                raise SourceError(
-                    f"cannot write {ref} (it is unchanged): {redact(str(exc).strip())}"
-                ) from exc
+            if (
+                isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError)
+            ) or isinstance(exc, adbc_driver_manager.Error):
+                # one line, the target's name where the server named the staging table
+                said = " ".join(str(exc).removeprefix("INVALID_DATA: ").removeprefix("[libpq] ").split())
+                said = said.replace(staging.parts[1], ref.parts[1])
+                raise SourceError(f"cannot write {ref} (it is unchanged): {redact(said)}") from exc
             raise
     return rows
+
+
+def _pg_finish(
+    con, staging: TableRef, ref: TableRef, constants: dict[str, str], key: str | None
+) -> str | None:
+    """Add the constant columns and the primary key on `key` to the filled staging table, in
+    one transaction; returns the primary key's index name (None without a key). A key with
+    duplicates or nulls is a `DataError` naming the table and column."""
+    import psycopg
+
+    pkey = f"{staging.parts[1]}_pkey"
+    with con.transaction():
+        if constants:
+            added = ", ".join(
+                f"ADD COLUMN {_quote(n)} text DEFAULT {_literal(v)}" for n, v in constants.items()
+            )
+            con.execute(f"ALTER TABLE {staging.quoted()} {added}")
+            dropped = ", ".join(f"ALTER COLUMN {_quote(n)} DROP DEFAULT" for n in constants)
+            con.execute(f"ALTER TABLE {staging.quoted()} {dropped}")
+        if key is None:
+            return None
+        try:
+            con.execute(
+                f"ALTER TABLE {staging.quoted()} ADD CONSTRAINT {_quote(pkey)} PRIMARY KEY ({_quote(key)})"
+            )
+        except (psycopg.errors.UniqueViolation, psycopg.errors.NotNullViolation) as exc:
+            what = "nulls" if isinstance(exc, psycopg.errors.NotNullViolation) else "duplicate values"
+            detail = f" ({exc.diag.message_detail})" if exc.diag.message_detail else ""
+            raise DataError(
+                f"key column {key!r} of the output for {ref} has {what}{detail}; a PostgreSQL output gets "
+                f"its key as primary key, so the key must identify every row: de-duplicate the source "
+                f"(or fill its nulls) and score again; {ref} is unchanged"
+            ) from exc
+    return pkey
