@@ -2,17 +2,21 @@
 
 What the terminal shows on failure: an expected error (`VaeflowError`) is one `error: ...`
 line and exit code 2; an unexpected one is one line naming the file its full traceback was
-written to, and exit code 1; an interrupt is exit 130 (SIGINT) or 143 (SIGTERM). `--debug`
+written to, and exit code 1; an interrupt is exit 130 (SIGINT) or 143 (SIGTERM). After SIGTERM the command has
+`VAEFLOW_TERM_GRACE_S` (30) seconds to end its runs and remove its temporary files; past that
+it exits 143 at once, every thread's stack written to the error log folder. `--debug`
 (anywhere on the line) or `VAEFLOW_DEBUG=1` also prints the traceback and Prefect's own.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -425,12 +429,17 @@ _ENV_DEFAULTS = {
 }
 
 
+def _log_file() -> Path:
+    """A new file in the error log folder (`VAEFLOW_LOG_DIR`, else ~/.cache/vaeflow/errors)."""
+    folder = Path(os.environ.get("VAEFLOW_LOG_DIR") or Path.home() / ".cache" / "vaeflow" / "errors")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
 def _traceback_file(exc: BaseException) -> Path | None:
     """Write the (redacted) traceback of an unexpected error where the user can find it."""
-    folder = Path(os.environ.get("VAEFLOW_LOG_DIR") or Path.home() / ".cache" / "vaeflow" / "errors")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path = _log_file()
         text = "".join(traceback.format_exception(exc))
         path.write_text(redact(f"vaeflow {' '.join(sys.argv[1:])}\n\n{text}"))
         return path
@@ -438,8 +447,37 @@ def _traceback_file(exc: BaseException) -> Path | None:
         return None
 
 
+_TERMINATING = threading.Event()
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM: unwind (runs end KILLED, temporary files go), within the grace period."""
+    if not _TERMINATING.is_set():
+        _TERMINATING.set()
+        threading.Thread(
+            target=_exit_after_grace, args=(signum,), name="vaeflow-term-grace", daemon=True
+        ).start()
     raise SystemExit(128 + signum)
+
+
+def _exit_after_grace(signum: int) -> None:
+    """End the process if its cleanup outlives VAEFLOW_TERM_GRACE_S, leaving every thread's stack."""
+    time.sleep(float(os.environ.get("VAEFLOW_TERM_GRACE_S") or 30))
+    where = "no stack dump (error log folder not writable)"
+    try:
+        path = _log_file()
+        with path.open("w") as f:
+            f.write(
+                f"vaeflow {redact(' '.join(sys.argv[1:]))}: cleanup after signal {signum} did not finish\n\n"
+            )
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+        where = f"every thread's stack in {path}"
+    except OSError:
+        pass
+    sys.stderr.write(f"error: terminated (signal {signum}); cleanup did not finish in time ({where})\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def main() -> None:

@@ -401,7 +401,7 @@ def _train_in_run(
             bundle_path = save_bundle(bundle, model_dir)
             info = _log_model(bundle, bundle_path, eval_df.head(1000), model_name, snapshot.name)
     version = str(info.registered_model_version)
-    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    client = registry.get_client(settings)
     # the checksums first: a version without them is never loaded, one without `validation`
     # never promoted
     registry.record_artifacts(client, settings, model_name, version)

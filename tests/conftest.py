@@ -20,11 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow_env():
-    """mlflow.set_tracking_uri / set_registry_uri export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI;
-    keep one test's store out of the next."""
+    """mlflow.set_tracking_uri / set_registry_uri keep process-wide URIs (and export
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI); keep one test's store out of the next."""
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         os.environ.pop(var, None)
     yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         os.environ.pop(var, None)
 

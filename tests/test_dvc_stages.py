@@ -126,5 +126,6 @@ def first_run_id(root: Path) -> str:
     """The run behind version 1 of the test's model."""
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
     return client.get_model_version("flights_small_vae", "1").run_id

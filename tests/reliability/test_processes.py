@@ -122,12 +122,15 @@ def test_a_killed_training_does_not_leave_its_run_running(tmp_path, base_rows, h
     params = small_params(tmp_path, data={"source": "base"}, train={"max_epochs": 400, "batch_size": 32})
     settings = load_settings(params)
     write_table(parse_ref("base", settings.warehouse_url), [base_rows])
-    proc = _start(*TRAIN_BASE, "--params", str(params))
+    logs = tmp_path / "errors"
+    proc = _start(*TRAIN_BASE, "--params", str(params), env={"VAEFLOW_LOG_DIR": str(logs)})
     run_ = _wait_for_running_run(settings, proc)
     time.sleep(1.0)  # into the epochs
     proc.send_signal(how)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=90)
     if how == signal.SIGTERM:
+        dumps = "\n".join(p.read_text() for p in sorted(logs.glob("*.log"))) if logs.is_dir() else ""
+        assert "cleanup did not finish" not in err, err[-2000:] + dumps[-6000:]
         assert_one_error(proc.returncode, err, "terminated", exit_code=143)
         assert mlflow.MlflowClient(settings.tracking_uri).get_run(run_.info.run_id).info.status == "KILLED"
     else:
@@ -137,6 +140,34 @@ def test_a_killed_training_does_not_leave_its_run_running(tmp_path, base_rows, h
     run_ = mlflow.MlflowClient(settings.tracking_uri).get_run(run_.info.run_id)
     assert run_.info.status == "KILLED"
     assert not _runs(settings, "RUNNING")
+
+
+def test_a_cleanup_that_hangs_after_sigterm_ends_within_the_grace_period(tmp_path):
+    """A terminated command whose cleanup never returns still exits 143, leaving its stacks."""
+    stuck = (
+        "import signal, sys, time\n"
+        "from pipelines import cli\n"
+        "signal.signal(signal.SIGTERM, cli._terminate)\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    time.sleep(120)\n"
+        "finally:\n"
+        "    time.sleep(120)  # a cleanup that never returns\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
+    env.update(VAEFLOW_TERM_GRACE_S="2", VAEFLOW_LOG_DIR=str(tmp_path / "errors"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", stuck], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    line = assert_one_error(proc.returncode, err, "cleanup did not finish", exit_code=143)
+    (dump,) = (tmp_path / "errors").glob("*.log")
+    assert str(dump) in line
+    assert 'File "<string>", line 8 in <module>' in dump.read_text()  # where the cleanup hangs
 
 
 def _free_port() -> int:
