@@ -277,7 +277,7 @@ def bare_loads(pg_url: str, output: str, workdir: Path, repeats: int = 3) -> dic
     import psycopg
     from adbc_driver_postgresql import dbapi
 
-    from pipelines.warehouse_postgres import binary_copy
+    from pipelines.warehouse.postgres import binary_copy
 
     with dbapi.connect(pg_url, autocommit=True) as con, con.cursor() as cur:
         cur.execute(f'SELECT * FROM "{output}"')

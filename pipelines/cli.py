@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -296,16 +297,47 @@ def deploy(
     )
 
 
+# The config sections each `vaeflow stage` command reads (its own code and the stages it runs):
+# dvc.yaml lists exactly these as the stage's params (tests/test_dvc_stages.py compares them),
+# and reading any other one raises, so a change to what a stage reads cannot go unnoticed by DVC.
+DVC_PARAMS: dict[str, tuple[str, ...]] = {
+    "ingest": ("seed", "data", "snapshot", "schema", "warehouse"),
+    "validate": ("validation", "data", "snapshot", "warehouse"),
+    "train": (
+        "model",
+        "train",
+        "evaluation",
+        "score",
+        "mlflow",
+        "promotion",
+        "data",
+        "snapshot",
+        "warehouse",
+    ),
+    "score": ("score", "mlflow", "data", "snapshot", "warehouse"),
+}
+
+
+@contextmanager
+def _dvc_stage(name: str, params: str | None, sets: list[str] | None):
+    """The settings of one DVC stage command, reading only the sections dvc.yaml lists for it."""
+    from pipelines.config import reading
+
+    settings = _settings(params, sets)
+    with reading(f"vaeflow stage {name}", DVC_PARAMS[name]):
+        yield settings
+
+
 @stage_app.command("ingest")
 def stage_ingest(params: Params = None, sets: Sets = None) -> None:
     """Seed the embedded warehouse if needed, then snapshot and split the configured source."""
-    from pipelines import ingest
+    from pipelines import ingest, stages
 
-    settings = _settings(params, sets)
-    _configured_snapshot(settings)  # dvc.yaml can name its outputs: before any work
-    ingest.seed_warehouse(settings)
-    snap = ingest.take_snapshot(settings, settings.data.source, settings.data.key)
-    typer.echo(f"snapshot {snap.path}: {snap.manifest['rows']}")
+    with _dvc_stage("ingest", params, sets) as settings:
+        _configured_snapshot(settings)  # dvc.yaml can name its outputs: before any work
+        stages.direct(stages.seed, settings)
+        path = stages.direct(stages.snapshot, settings, settings.data.source, settings.data.key)
+        typer.echo(f"snapshot {path}: {ingest.Snapshot(Path(path)).manifest['rows']}")
 
 
 def _configured_snapshot(settings):
@@ -329,19 +361,16 @@ def _configured_snapshot(settings):
 @stage_app.command("validate")
 def stage_validate(params: Params = None, sets: Sets = None) -> None:
     """Validate the configured source's snapshot; writes reports/NAME/validation.json and data_docs/."""
-    import pandas as pd
+    from pipelines import atomic, stages
 
-    from pipelines import atomic, ingest, validation
-
-    settings = _settings(params, sets)
-    snap = _configured_snapshot(settings)
-    df = pd.concat([snap.read(s) for s in ingest.SPLITS], ignore_index=True)
-    report = validation.validate_frame(df, snap.schema, settings, snap.name)
-    atomic.write_text(
-        settings.path("reports") / snap.name / "validation.json",
-        json.dumps(report.to_dict(), indent=2) + "\n",
-    )
-    typer.echo(report.text())
+    with _dvc_stage("validate", params, sets) as settings:
+        snap = _configured_snapshot(settings)
+        report = stages.direct(stages.validate, settings, str(snap.path))
+        atomic.write_text(
+            settings.path("reports") / snap.name / "validation.json",
+            json.dumps(report.to_dict(), indent=2) + "\n",
+        )
+        typer.echo(report.text())
 
 
 @stage_app.command("train")
@@ -349,16 +378,17 @@ def stage_train(params: Params = None, sets: Sets = None) -> None:
     """Train, evaluate, register and promote from the configured source's snapshot."""
     from pipelines import stages, validation
 
-    settings = _settings(params, sets)
-    snap = _configured_snapshot(settings)
-    report_path = settings.path("reports") / snap.name / "validation.json"
-    data = json.loads(report_path.read_text())
-    report = validation.ValidationReport.from_dict(data)
-    trained = stages.direct(stages.train, settings, str(snap.path), settings.mlflow.model_name, report)
-    decision = stages.direct(stages.promote, settings, trained.name, trained.version, str(snap.path))
-    champion = stages.champion_outputs(settings, trained.name, snap.name)  # DVC and the registry agree
-    typer.echo(f"registered {trained.name} v{trained.version}; {decision.reason}")
-    typer.echo(f"{settings.train.model_dir}/{trained.name} and metrics.json: the champion, v{champion}")
+    with _dvc_stage("train", params, sets) as settings:
+        snap = _configured_snapshot(settings)
+        report_path = settings.path("reports") / snap.name / "validation.json"
+        report = validation.ValidationReport.from_dict(json.loads(report_path.read_text()))
+        name = settings.mlflow.model_name
+        trained = stages.direct(stages.train, settings, str(snap.path), name, report)
+        decision = stages.direct(stages.promote, settings, trained.name, trained.version, str(snap.path))
+        # DVC and the registry agree: the stage's outputs are the champion's
+        champion = stages.direct(stages.champion_outputs, settings, trained.name, snap.name)
+        typer.echo(f"registered {trained.name} v{trained.version}; {decision.reason}")
+        typer.echo(f"{settings.train.model_dir}/{trained.name} and metrics.json: the champion, v{champion}")
 
 
 @stage_app.command("score")
@@ -366,12 +396,14 @@ def stage_score(params: Params = None, sets: Sets = None) -> None:
     """Run every configured batch job with the champion; writes reports/NAME/score.json."""
     from pipelines import atomic
 
-    settings = _settings(params, sets)
-    results = _compose("batch_score", settings, params, sets, needs_api=settings.score.dask.enabled)
-    summary = [{k: r[k] for k in ("job", "rows", "destination", "model_version")} for r in results]
-    name = _configured_snapshot(settings).name
-    atomic.write_text(settings.path("reports") / name / "score.json", json.dumps(summary, indent=2) + "\n")
-    typer.echo(json.dumps(summary, indent=2))
+    with _dvc_stage("score", params, sets) as settings:
+        name = _configured_snapshot(settings).name
+        results = _compose("batch_score", settings, params, sets, needs_api=settings.score.dask.enabled)
+        summary = [{k: r[k] for k in ("job", "rows", "destination", "model_version")} for r in results]
+        atomic.write_text(
+            settings.path("reports") / name / "score.json", json.dumps(summary, indent=2) + "\n"
+        )
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @snapshot_app.command("restore")

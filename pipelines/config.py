@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -245,6 +249,34 @@ class MonitorConfig(_Section):
     retrain_on_drift: bool = True
 
 
+@dataclass(frozen=True)
+class _Scope:
+    name: str
+    sections: frozenset[str]
+
+
+_SCOPES: ContextVar[tuple[_Scope, ...]] = ContextVar("vaeflow_settings_scopes", default=())
+
+
+class UndeclaredSection(RuntimeError):
+    """A stage read a config section it does not declare (a bug: DVC would not rerun it)."""
+
+
+@contextmanager
+def reading(name: str, sections: tuple[str, ...] | frozenset[str]) -> Iterator[None]:
+    """While inside, `Settings` sections other than `sections` (params.yaml names, e.g.
+    "schema") raise `UndeclaredSection`: what a stage declares is what it reads, and
+    dvc.yaml lists exactly that. Scopes nest; every enclosing one must allow the section."""
+    unknown = set(sections) - SECTIONS
+    if unknown:
+        raise ValueError(f"{name}: unknown config sections {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    token = _SCOPES.set((*_SCOPES.get(), _Scope(name, frozenset(sections))))
+    try:
+        yield
+    finally:
+        _SCOPES.reset(token)
+
+
 class Settings(_Section):
     """All of vaeflow's configuration."""
 
@@ -270,6 +302,17 @@ class Settings(_Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return Path(v).resolve()
+
+    def __getattribute__(self, name: str) -> Any:
+        section = _FIELD_SECTIONS.get(name)
+        if section is not None:
+            for scope in _SCOPES.get():
+                if section not in scope.sections:
+                    raise UndeclaredSection(
+                        f"{scope.name} read settings.{section}, which it does not declare: add "
+                        f"{section!r} to its reads (and to its params in dvc.yaml)"
+                    )
+        return super().__getattribute__(name)
 
     def path(self, value: str | Path) -> Path:
         """A configured path, resolved against the project root."""
@@ -319,6 +362,13 @@ def _apply(data: dict[str, Any], parts: list[str], value: Any, text: str) -> Non
             raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+# attribute name -> params.yaml section name ("schema_" is the section "schema")
+_FIELD_SECTIONS = {
+    name: (field.alias or name) for name, field in Settings.model_fields.items() if name != "root"
+}
+SECTIONS = frozenset(_FIELD_SECTIONS.values())
 
 
 def load_settings(params: str | Path | None = None, overrides: list[str] | None = None) -> Settings:

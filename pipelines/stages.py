@@ -15,6 +15,7 @@ where they are used, so a scoring command starts fast.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import ingest, names, registry, scoring
-from pipelines.config import Settings
+from pipelines.config import Settings, reading
 from pipelines.errors import ConfigError, DataError, RegistryError, VaeflowError
 from pipelines.orchestration import retrying
 from pipelines.warehouse import iter_frames, parse_ref
@@ -48,13 +49,22 @@ NETWORK = Retry(2, (2, 10))  # stages that touch the warehouse or the tracking s
 TRAINING = Retry(1, (5,))
 
 
-def stage(name: str, retry: Retry = Retry(), run_name: str | None = None) -> Callable[[Callable], Callable]:
-    """Mark a function as a pipeline stage with a name, a retry policy and the name of each
-    of its runs (a template of its parameters, e.g. "score-{job}"; default: the name)."""
+def stage(
+    name: str, reads: tuple[str, ...], retry: Retry = Retry(), run_name: str | None = None
+) -> Callable[[Callable], Callable]:
+    """Mark a function as a pipeline stage: its name, the config sections it reads (params.yaml
+    names; reading any other raises `UndeclaredSection`, and dvc.yaml's params for the stage are
+    these), its retry policy and the name of each of its runs (a template of its parameters,
+    e.g. "score-{job}"; default: the name)."""
 
     def mark(fn: Callable) -> Callable:
-        fn.stage_name, fn.retry, fn.run_name = name, retry, run_name or name
-        return fn
+        @functools.wraps(fn)
+        def scoped(*args: Any, **kwargs: Any) -> Any:
+            with reading(f"stage {name!r}", reads):
+                return fn(*args, **kwargs)
+
+        scoped.stage_name, scoped.reads, scoped.retry, scoped.run_name = name, reads, retry, run_name or name
+        return scoped
 
     return mark
 
@@ -73,20 +83,20 @@ def direct(fn: Callable, *args: Any) -> Any:
 # ---------------------------------------------------------------- stages
 
 
-@stage("seed-warehouse", NETWORK)
+@stage("seed-warehouse", ("seed", "warehouse"), NETWORK)
 def seed(settings: Settings) -> str | None:
     """Load the packaged default data set into the embedded warehouse once."""
     ref = ingest.seed_warehouse(settings)
     return str(ref) if ref else None
 
 
-@stage("ingest", NETWORK)
+@stage("ingest", ("data", "schema", "snapshot", "warehouse"), NETWORK)
 def snapshot(settings: Settings, source: str, key: str | None) -> str:
     """Snapshot and split a source; returns the snapshot folder."""
     return str(ingest.take_snapshot(settings, source, key).path)
 
 
-@stage("validate")
+@stage("validate", ("validation",))
 def validate(settings: Settings, snapshot_path: str) -> validation.ValidationReport:
     """Run the GX suite on a snapshot (all splits); raises with the report when it fails."""
     import pandas as pd
@@ -100,7 +110,12 @@ def validate(settings: Settings, snapshot_path: str) -> validation.ValidationRep
     return report
 
 
-@stage("train-evaluate-register", TRAINING, run_name="train-{model_name}")
+@stage(
+    "train-evaluate-register",
+    ("model", "train", "evaluation", "score", "mlflow", "snapshot"),
+    TRAINING,
+    run_name="train-{model_name}",
+)
 def train(
     settings: Settings,
     snapshot_path: str,
@@ -143,13 +158,19 @@ def rescorer(settings: Settings, snapshot_path: str, name: str) -> Callable[[str
     return score
 
 
-@stage("promote", NETWORK, run_name="promote-{name}-v{version}")
+@stage(
+    "promote",
+    ("promotion", "mlflow", "train", "evaluation", "score"),
+    NETWORK,
+    run_name="promote-{name}-v{version}",
+)
 def promote(settings: Settings, name: str, version: str, snapshot_path: str) -> registry.PromotionDecision:
     """Apply the promotion gate to `version`, both versions re-scored on this snapshot."""
     client = registry.get_client(settings)
     return registry.promote(client, name, version, settings, score=rescorer(settings, snapshot_path, name))
 
 
+@stage("champion-outputs", ("mlflow", "train"))
 def champion_outputs(settings: Settings, name: str, snapshot_name: str) -> str:
     """DVC's train outputs describe the registry's champion: its bundle in
     `train.model_dir/NAME` and its metrics (with `model_version`) in `reports/SNAPSHOT/metrics.json`
@@ -171,7 +192,7 @@ def champion_outputs(settings: Settings, name: str, snapshot_name: str) -> str:
 DaskRunner = Callable[[Settings, str, str, str, list[scoring.Partition]], None]
 
 
-@stage("score", NETWORK, run_name="score-{job}")
+@stage("score", ("score", "mlflow", "warehouse"), NETWORK, run_name="score-{job}")
 def score(
     settings: Settings,
     job: str,
@@ -212,7 +233,7 @@ def score(
     return result
 
 
-@stage("score-partition", NETWORK, run_name="score-{job}-part-{part.index}")
+@stage("score-partition", ("score", "mlflow", "warehouse"), NETWORK, run_name="score-{job}-part-{part.index}")
 def score_partition(
     settings: Settings, job: str, model_uri: str, source: str, part: scoring.Partition
 ) -> int:
@@ -224,7 +245,7 @@ def score_partition(
     return scoring.score_partition(bundle, job, source, part, settings)
 
 
-@stage("drift-report", NETWORK)
+@stage("drift-report", ("monitor", "mlflow", "score", "snapshot", "warehouse"), NETWORK)
 def drift_report(settings: Settings, source: str, run_tags: dict[str, str] | None = None) -> dict:
     """Compare a sample of `source` with the champion's training snapshot; log it to MLflow."""
     import mlflow
@@ -382,4 +403,4 @@ def monitor(
     return result
 
 
-STAGES = (seed, snapshot, validate, train, promote, score, score_partition, drift_report)
+STAGES = (seed, snapshot, validate, train, promote, champion_outputs, score, score_partition, drift_report)

@@ -49,6 +49,45 @@ def test_dvc_yaml_outputs_follow_the_configured_table(tmp_path):
     assert "flights" not in (REPO / "dvc.yaml").read_text().split("stages:", 1)[1]
 
 
+def test_dvc_yaml_params_are_what_each_stage_reads():
+    """dvc.yaml's params per stage == the sections its `vaeflow stage` command may read (reading
+    another raises UndeclaredSection, see test_a_stage_reading_an_undeclared_section_fails), and
+    each stage function it runs declares no section beyond them."""
+    from pipelines import stages
+    from pipelines.cli import DVC_PARAMS
+
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = {
+        name: sorted(p if isinstance(p, str) else next(iter(p)) for p in s["params"])
+        for name, s in dvc.items()
+    }
+    assert declared == {name: sorted(sections) for name, sections in DVC_PARAMS.items()}
+    runs = {
+        "ingest": [stages.seed, stages.snapshot],
+        "validate": [stages.validate],
+        "train": [stages.train, stages.promote, stages.champion_outputs],
+        "score": [stages.score, stages.score_partition],
+    }
+    for name, fns in runs.items():
+        for fn in fns:
+            assert set(fn.reads) <= set(DVC_PARAMS[name]), (name, fn.stage_name, fn.reads)
+
+
+def test_a_stage_reading_an_undeclared_section_fails(tmp_path):
+    from pipelines.config import UndeclaredSection, load_settings
+    from pipelines.stages import stage
+
+    settings = load_settings(small_params(tmp_path))
+
+    @stage("peek", ("model",))
+    def peek(settings):
+        return settings.model.latent_dim, settings.train.max_epochs
+
+    with pytest.raises(UndeclaredSection, match=r"stage 'peek' read settings.train.*add 'train'"):
+        peek(settings)
+    assert settings.train.max_epochs == 2  # outside a stage every section reads
+
+
 def test_a_dvc_stage_refuses_a_source_it_cannot_name(tmp_path, flights):
     csv = tmp_path / "t.csv"
     flights.head(50).to_csv(csv, index=False)

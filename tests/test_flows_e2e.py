@@ -47,6 +47,7 @@ def test_registered_version_is_champion_with_lineage(pipeline_run):
 
 def test_mlflow_run_has_params_epoch_metrics_and_artifacts(pipeline_run):
     settings, out, _ = pipeline_run
+    mlflow.set_tracking_uri(settings.tracking_uri)  # for mlflow.artifacts.load_dict
     client = registry.get_client(settings)
     run = client.get_run(out["run_id"])
     assert run.data.params["model.latent_dim"] == "4"

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines import warehouse as warehouse_module
 from pipelines.config import load_settings
 from pipelines.errors import ConfigError, VaeflowError
 from pipelines.scoring import ordered_map, run_job, scoring_device
+from pipelines.warehouse import duckdb as warehouse_duckdb
 from pipelines.warehouse import parse_ref, read_frame, write_table
 from tests.conftest import small_params
 from tests.helpers import linear_table, train_small
@@ -97,7 +97,7 @@ def test_cpu_jobs_read_and_write_with_one_duckdb_thread(bundle, warehouse, monke
     """On the CPU, torch's threads do the scoring: the job's DuckDB reads and writes run with
     one DuckDB worker thread (checked on the live connections)."""
     opened: list[tuple[int | None, int]] = []
-    real = warehouse_module._duckdb
+    real = warehouse_duckdb._duckdb
 
     @contextlib.contextmanager
     def spy(path, read_only=False, threads=None):
@@ -105,7 +105,7 @@ def test_cpu_jobs_read_and_write_with_one_duckdb_thread(bundle, warehouse, monke
             opened.append((threads, con.execute("SELECT current_setting('threads')").fetchall()[0][0]))
             yield con
 
-    monkeypatch.setattr(warehouse_module, "_duckdb", spy)
+    monkeypatch.setattr(warehouse_duckdb, "_duckdb", spy)
     warehouse.score.device = "cpu"
     run_job(bundle, "embed", "t", "codes", warehouse, model_version="7", run_id="abc")
     capped = [setting for asked, setting in opened if asked is not None]
@@ -116,13 +116,13 @@ def test_cpu_jobs_read_and_write_with_one_duckdb_thread(bundle, warehouse, monke
 def test_only_embed_writes_its_floats_uncompressed(bundle, warehouse, monkeypatch):
     """Embeddings skip DuckDB's float codecs (they cannot shrink them); other outputs keep them."""
     asked: list[bool] = []
-    real = warehouse_module._float_compression
+    real = warehouse_duckdb._float_compression
 
     def spy(con, enabled):
         asked.append(enabled)
         return real(con, enabled)
 
-    monkeypatch.setattr(warehouse_module, "_float_compression", spy)
+    monkeypatch.setattr(warehouse_duckdb, "_float_compression", spy)
     run_job(bundle, "embed", "t", "codes", warehouse, model_version="7", run_id="abc")
     run_job(bundle, "anomaly", "t", "scores", warehouse, model_version="7", run_id="abc")
     assert asked == [False, True]

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import warehouse
 from pipelines.errors import SourceError
+from pipelines.warehouse import duckdb as warehouse_duckdb
 from pipelines.warehouse import iter_frames, parse_ref, read_frame, table_exists, write_table
 
 PG_URL = os.environ.get("VAEFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -217,7 +217,7 @@ def _wide(rows: int, columns: int = 150) -> pd.DataFrame:
 def test_wide_tables_raise_duckdb_memory_to_one_row_group(tmp_path, monkeypatch):
     """A row group of a wide table can outgrow DuckDB's memory limit (here 32MB against ~150MB
     for 150 double columns): the writer and the reader raise the limit to fit it."""
-    monkeypatch.setattr(warehouse, "DUCKDB_MEMORY_LIMIT", "32MB")
+    monkeypatch.setattr(warehouse_duckdb, "DUCKDB_MEMORY_LIMIT", "32MB")
     ref = parse_ref("wide", f"duckdb:///{tmp_path}/w.duckdb")
     chunk = _wide(20_000)
     assert write_table(ref, [chunk, chunk, chunk], {"model_version": "1"}) == 60_000
@@ -229,8 +229,8 @@ def test_wide_tables_raise_duckdb_memory_to_one_row_group(tmp_path, monkeypatch)
 def test_out_of_memory_is_a_clear_error_and_keeps_the_old_output(tmp_path, monkeypatch):
     ref = parse_ref("wide", f"duckdb:///{tmp_path}/w.duckdb")
     write_table(ref, [_frame(4)])
-    monkeypatch.setattr(warehouse, "DUCKDB_MEMORY_LIMIT", "8MB")
-    monkeypatch.setattr(warehouse, "_fit_memory_limit", lambda *args, **kwargs: None)
+    monkeypatch.setattr(warehouse_duckdb, "DUCKDB_MEMORY_LIMIT", "8MB")
+    monkeypatch.setattr(warehouse_duckdb, "_fit_memory_limit", lambda *args, **kwargs: None)
     with pytest.raises(SourceError, match="DuckDB ran out of memory writing .*VAEFLOW_DUCKDB_MEMORY_LIMIT"):
         write_table(ref, [_wide(20_000), _wide(20_000)])
     monkeypatch.undo()
@@ -240,7 +240,7 @@ def test_out_of_memory_is_a_clear_error_and_keeps_the_old_output(tmp_path, monke
 def test_a_raised_memory_limit_holds_while_the_file_has_connections(tmp_path, monkeypatch):
     """Connections to one DuckDB file share its settings: a writer opened while a wide read is
     streaming must not put the limit the reader raised back down."""
-    monkeypatch.setattr(warehouse, "DUCKDB_MEMORY_LIMIT", "32MB")
+    monkeypatch.setattr(warehouse_duckdb, "DUCKDB_MEMORY_LIMIT", "32MB")
     wh = f"duckdb:///{tmp_path}/w.duckdb"
     src = parse_ref("wide", wh)
     chunk = _wide(20_000)
@@ -254,7 +254,7 @@ def test_a_raised_memory_limit_holds_while_the_file_has_connections(tmp_path, mo
             yield frame[["c0"]]
 
     assert write_table(parse_ref("narrow", wh), narrow()) == 60_000
-    assert warehouse._RAISED == {}  # forgotten once the file has no connections
+    assert warehouse_duckdb._RAISED == {}  # forgotten once the file has no connections
 
 
 def test_uncompressed_floats_skip_float_codecs_only_and_restore_the_setting(tmp_path):
