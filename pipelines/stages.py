@@ -245,7 +245,7 @@ def score_partition(
     return scoring.score_partition(bundle, job, source, part, settings)
 
 
-@stage("drift-report", ("monitor", "mlflow", "score", "snapshot", "warehouse"), NETWORK)
+@stage("drift-report", ("monitor", "mlflow", "score", "snapshot", "data", "warehouse"), NETWORK)
 def drift_report(settings: Settings, source: str, run_tags: dict[str, str] | None = None) -> dict:
     """Compare a sample of `source` with the champion's training snapshot; log it to MLflow."""
     import mlflow
