@@ -320,12 +320,11 @@ DVC_PARAMS: dict[str, tuple[str, ...]] = {
 
 @contextmanager
 def _dvc_stage(name: str, params: str | None, sets: list[str] | None):
-    """The settings of one DVC stage command, reading only the sections dvc.yaml lists for it."""
-    from pipelines.config import reading
+    """The settings of one DVC stage command: a view of only the sections dvc.yaml lists for it."""
+    from pipelines.config import settings_view
 
-    settings = _settings(params, sets)
-    with reading(f"vaeflow stage {name}", DVC_PARAMS[name]):
-        yield settings
+    view = settings_view(f"DvcStage_{name}", *DVC_PARAMS[name])
+    yield view.of(_settings(params, sets))
 
 
 @stage_app.command("ingest")

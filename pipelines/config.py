@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from pipelines import credentials
 from pipelines.errors import ConfigError
@@ -249,35 +253,41 @@ class MonitorConfig(_Section):
     retrain_on_drift: bool = True
 
 
-@dataclass(frozen=True)
-class _Scope:
-    name: str
-    sections: frozenset[str]
-
-
-_SCOPES: ContextVar[tuple[_Scope, ...]] = ContextVar("vaeflow_settings_scopes", default=())
-
-
-class UndeclaredSection(RuntimeError):
+class UndeclaredSection(AttributeError):
     """A stage read a config section it does not declare (a bug: DVC would not rerun it)."""
 
 
-@contextmanager
-def reading(name: str, sections: tuple[str, ...] | frozenset[str]) -> Iterator[None]:
-    """While inside, `Settings` sections other than `sections` (params.yaml names, e.g.
-    "schema") raise `UndeclaredSection`: what a stage declares is what it reads, and
-    dvc.yaml lists exactly that. Scopes nest; every enclosing one must allow the section."""
-    unknown = set(sections) - SECTIONS
-    if unknown:
-        raise ValueError(f"{name}: unknown config sections {sorted(unknown)}; known: {sorted(SECTIONS)}")
-    token = _SCOPES.set((*_SCOPES.get(), _Scope(name, frozenset(sections))))
-    try:
-        yield
-    finally:
-        _SCOPES.reset(token)
+class _Resolving:
+    """Paths and URLs resolved against the project root (shared by `Settings` and its views)."""
+
+    def path(self, value: str | Path) -> Path:
+        """A configured path, resolved against the project root."""
+        p = Path(value)
+        return p if p.is_absolute() else self.root / p  # type: ignore[attr-defined]
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI, a credential reference resolved (see `credentials.resolve`)."""
+        uri = credentials.resolve(self.mlflow.tracking_uri, "mlflow.tracking_uri")  # type: ignore[attr-defined]
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return f"sqlite:///{self.path(uri.removeprefix('sqlite:///'))}"
+        return uri
+
+    @property
+    def warehouse_url(self) -> str:
+        """The warehouse URL, a credential reference resolved (see `credentials.resolve`)."""
+        url = credentials.resolve(self.warehouse.url, "warehouse.url")  # type: ignore[attr-defined]
+        if url.startswith("duckdb:///") and not url.startswith("duckdb:////"):
+            return f"duckdb:///{self.path(url.removeprefix('duckdb:///'))}"
+        return url
+
+    @property
+    def lock_url(self) -> str | None:
+        """The promotion lock's PostgreSQL URL, a credential reference resolved."""
+        return credentials.resolve(self.promotion.lock_url, "promotion.lock_url")  # type: ignore[attr-defined]
 
 
-class Settings(_Section):
+class Settings(_Resolving, _Section):
     """All of vaeflow's configuration."""
 
     root: Path = Field(default_factory=Path.cwd, exclude=True)
@@ -302,43 +312,6 @@ class Settings(_Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return Path(v).resolve()
-
-    def __getattribute__(self, name: str) -> Any:
-        section = _FIELD_SECTIONS.get(name)
-        if section is not None:
-            for scope in _SCOPES.get():
-                if section not in scope.sections:
-                    raise UndeclaredSection(
-                        f"{scope.name} read settings.{section}, which it does not declare: add "
-                        f"{section!r} to its reads (and to its params in dvc.yaml)"
-                    )
-        return super().__getattribute__(name)
-
-    def path(self, value: str | Path) -> Path:
-        """A configured path, resolved against the project root."""
-        p = Path(value)
-        return p if p.is_absolute() else self.root / p
-
-    @property
-    def tracking_uri(self) -> str:
-        """The MLflow tracking URI, a credential reference resolved (see `credentials.resolve`)."""
-        uri = credentials.resolve(self.mlflow.tracking_uri, "mlflow.tracking_uri")
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            return f"sqlite:///{self.path(uri.removeprefix('sqlite:///'))}"
-        return uri
-
-    @property
-    def warehouse_url(self) -> str:
-        """The warehouse URL, a credential reference resolved (see `credentials.resolve`)."""
-        url = credentials.resolve(self.warehouse.url, "warehouse.url")
-        if url.startswith("duckdb:///") and not url.startswith("duckdb:////"):
-            return f"duckdb:///{self.path(url.removeprefix('duckdb:///'))}"
-        return url
-
-    @property
-    def lock_url(self) -> str | None:
-        """The promotion lock's PostgreSQL URL, a credential reference resolved."""
-        return credentials.resolve(self.promotion.lock_url, "promotion.lock_url")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -369,6 +342,49 @@ _FIELD_SECTIONS = {
     name: (field.alias or name) for name, field in Settings.model_fields.items() if name != "root"
 }
 SECTIONS = frozenset(_FIELD_SECTIONS.values())
+
+
+class StageSettings(_Resolving, _Section):
+    """A view of `Settings` with only the sections one stage reads (see `settings_view`):
+    reading another raises `UndeclaredSection`, so what a stage's signature declares is what
+    it reads, and what dvc.yaml lists for it."""
+
+    root: Path = Field(default_factory=Path.cwd, exclude=True)
+    sections: ClassVar[frozenset[str]] = frozenset()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def __getattr__(self, name: str) -> Any:
+        section = _FIELD_SECTIONS.get(name)
+        if section is not None:
+            raise UndeclaredSection(
+                f"{type(self).__name__} read settings.{section}, which it does not declare: add "
+                f"{section!r} to its sections (and to its params in dvc.yaml)"
+            )
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    @classmethod
+    def of(cls, settings: Settings | StageSettings) -> Self:
+        """This view of `settings` (the sections shared, not copied)."""
+        values = {attr: getattr(settings, attr) for attr in cls.model_fields}
+        return cls.model_construct(**values)
+
+
+def settings_view(name: str, *sections: str, module: str | None = None) -> type[StageSettings]:
+    """A `StageSettings` class named `name` holding `sections` (params.yaml names, e.g.
+    "schema"). Give `module` (the defining module's `__name__`) when the class is a module
+    attribute of the same name, so it pickles by reference (Prefect and Dask workers)."""
+    unknown = set(sections) - SECTIONS
+    if unknown:
+        raise ValueError(f"{name}: unknown config sections {sorted(unknown)}; known: {sorted(SECTIONS)}")
+    fields: dict[str, Any] = {
+        attr: (Settings.model_fields[attr].annotation, Settings.model_fields[attr])
+        for attr, section in _FIELD_SECTIONS.items()
+        if section in sections
+    }
+    view = create_model(name, __base__=StageSettings, __module__=module or __name__, **fields)
+    view.sections = frozenset(sections)
+    return view
 
 
 def load_settings(params: str | Path | None = None, overrides: list[str] | None = None) -> Settings:

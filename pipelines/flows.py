@@ -118,14 +118,14 @@ def _run_tags() -> dict[str, str]:
 
 @flow(name="score-partitions")
 def score_partitions(
-    settings: Settings, job: str, model_uri: str, source: str, parts: list[scoring.Partition]
+    settings: stages.ScoreSettings, job: str, model_uri: str, source: str, parts: list[scoring.Partition]
 ) -> list[int]:
     """Score every partition in parallel on the flow's task runner (a Dask cluster)."""
     futures = [TASKS[stages.score_partition].submit(settings, job, model_uri, source, p) for p in parts]
     return [f.result() for f in futures]
 
 
-def dask_runner(settings: Settings):
+def dask_runner(settings: stages.ScoreSettings):
     """prefect-dask's DaskTaskRunner: an existing scheduler by address, or a local cluster."""
     from prefect_dask import DaskTaskRunner
 
@@ -143,7 +143,7 @@ def dask_runner(settings: Settings):
 
 
 def _on_dask(
-    settings: Settings, job: str, model_uri: str, source: str, parts: list[scoring.Partition]
+    settings: stages.ScoreSettings, job: str, model_uri: str, source: str, parts: list[scoring.Partition]
 ) -> None:
     score_partitions.with_options(task_runner=dask_runner(settings))(settings, job, model_uri, source, parts)
 

@@ -16,6 +16,7 @@ where they are used, so a scoring command starts fast.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines import ingest, names, registry, scoring
-from pipelines.config import Settings, reading
+from pipelines.config import Settings, StageSettings, settings_view
 from pipelines.errors import ConfigError, DataError, RegistryError, VaeflowError
 from pipelines.orchestration import retrying
 from pipelines.warehouse import iter_frames, parse_ref
@@ -49,24 +50,40 @@ NETWORK = Retry(2, (2, 10))  # stages that touch the warehouse or the tracking s
 TRAINING = Retry(1, (5,))
 
 
-def stage(
-    name: str, reads: tuple[str, ...], retry: Retry = Retry(), run_name: str | None = None
-) -> Callable[[Callable], Callable]:
-    """Mark a function as a pipeline stage: its name, the config sections it reads (params.yaml
-    names; reading any other raises `UndeclaredSection`, and dvc.yaml's params for the stage are
-    these), its retry policy and the name of each of its runs (a template of its parameters,
-    e.g. "score-{job}"; default: the name)."""
+def stage(name: str, retry: Retry = Retry(), run_name: str | None = None) -> Callable[[Callable], Callable]:
+    """Mark a function as a pipeline stage: its name, its retry policy and the name of each of
+    its runs (a template of its parameters, e.g. "score-{job}"; default: the name).
+
+    A stage that reads configuration takes it as its first parameter, `settings`, annotated
+    with a `settings_view`: the config sections it reads. The stage may be called with the whole `Settings` (or a wider view); it
+    receives that view, where reading any other section raises `UndeclaredSection`, and
+    dvc.yaml's params for the stage are these sections (`fn.reads`)."""
 
     def mark(fn: Callable) -> Callable:
+        view = _settings_view_of(fn)
+
         @functools.wraps(fn)
         def scoped(*args: Any, **kwargs: Any) -> Any:
-            with reading(f"stage {name!r}", reads):
-                return fn(*args, **kwargs)
+            if view is not None:
+                args = (view.of(args[0]), *args[1:])
+            return fn(*args, **kwargs)
 
-        scoped.stage_name, scoped.reads, scoped.retry, scoped.run_name = name, reads, retry, run_name or name
+        scoped.stage_name, scoped.retry, scoped.run_name = name, retry, run_name or name
+        scoped.reads = tuple(sorted(view.sections)) if view else ()
         return scoped
 
     return mark
+
+
+def _settings_view_of(fn: Callable) -> type[StageSettings] | None:
+    """The view a stage's first parameter, `settings`, is annotated with (None: no settings)."""
+    first = next(iter(inspect.signature(fn).parameters.values()), None)
+    if first is None or first.name != "settings":
+        return None
+    view = fn.__globals__.get(first.annotation) if isinstance(first.annotation, str) else first.annotation
+    if not (isinstance(view, type) and issubclass(view, StageSettings)):
+        raise TypeError(f"stage {fn.__qualname__}: its first parameter must be `settings: <a settings_view>`")
+    return view
 
 
 Step = Callable[..., Any]
@@ -81,23 +98,39 @@ def direct(fn: Callable, *args: Any) -> Any:
 
 
 # ---------------------------------------------------------------- stages
+# Each stage's settings: the params.yaml sections it reads (dvc.yaml lists them as its params).
+
+SeedSettings = settings_view("SeedSettings", "seed", "warehouse", module=__name__)
+IngestSettings = settings_view("IngestSettings", "data", "schema", "snapshot", "warehouse", module=__name__)
+ValidateSettings = settings_view("ValidateSettings", "validation", module=__name__)
+TrainSettings = settings_view(
+    "TrainSettings", "model", "train", "evaluation", "score", "mlflow", "snapshot", module=__name__
+)
+PromoteSettings = settings_view(
+    "PromoteSettings", "promotion", "mlflow", "train", "evaluation", "score", module=__name__
+)
+ChampionSettings = settings_view("ChampionSettings", "mlflow", "train", module=__name__)
+ScoreSettings = settings_view("ScoreSettings", "score", "mlflow", "warehouse", module=__name__)
+MonitorSettings = settings_view(
+    "MonitorSettings", "monitor", "mlflow", "score", "snapshot", "data", "warehouse", module=__name__
+)
 
 
-@stage("seed-warehouse", ("seed", "warehouse"), NETWORK)
-def seed(settings: Settings) -> str | None:
+@stage("seed-warehouse", NETWORK)
+def seed(settings: SeedSettings) -> str | None:
     """Load the packaged default data set into the embedded warehouse once."""
     ref = ingest.seed_warehouse(settings)
     return str(ref) if ref else None
 
 
-@stage("ingest", ("data", "schema", "snapshot", "warehouse"), NETWORK)
-def snapshot(settings: Settings, source: str, key: str | None) -> str:
+@stage("ingest", NETWORK)
+def snapshot(settings: IngestSettings, source: str, key: str | None) -> str:
     """Snapshot and split a source; returns the snapshot folder."""
     return str(ingest.take_snapshot(settings, source, key).path)
 
 
-@stage("validate", ("validation",))
-def validate(settings: Settings, snapshot_path: str) -> validation.ValidationReport:
+@stage("validate")
+def validate(settings: ValidateSettings, snapshot_path: str) -> validation.ValidationReport:
     """Run the GX suite on a snapshot (all splits); raises with the report when it fails."""
     import pandas as pd
 
@@ -110,14 +143,9 @@ def validate(settings: Settings, snapshot_path: str) -> validation.ValidationRep
     return report
 
 
-@stage(
-    "train-evaluate-register",
-    ("model", "train", "evaluation", "score", "mlflow", "snapshot"),
-    TRAINING,
-    run_name="train-{model_name}",
-)
+@stage("train-evaluate-register", TRAINING, run_name="train-{model_name}")
 def train(
-    settings: Settings,
+    settings: TrainSettings,
     snapshot_path: str,
     model_name: str,
     report: validation.ValidationReport,
@@ -131,7 +159,9 @@ def train(
     )
 
 
-def rescorer(settings: Settings, snapshot_path: str, name: str) -> Callable[[str], registry.Measurement]:
+def rescorer(
+    settings: PromoteSettings, snapshot_path: str, name: str
+) -> Callable[[str], registry.Measurement]:
     """`score(version)`: the promotion metric of a registered version, computed on this
     snapshot's frozen evaluation split (the champion is re-scored, not trusted from its tags),
     with its per-row values, so the gate's SE is paired over the same rows."""
@@ -158,20 +188,17 @@ def rescorer(settings: Settings, snapshot_path: str, name: str) -> Callable[[str
     return score
 
 
-@stage(
-    "promote",
-    ("promotion", "mlflow", "train", "evaluation", "score"),
-    NETWORK,
-    run_name="promote-{name}-v{version}",
-)
-def promote(settings: Settings, name: str, version: str, snapshot_path: str) -> registry.PromotionDecision:
+@stage("promote", NETWORK, run_name="promote-{name}-v{version}")
+def promote(
+    settings: PromoteSettings, name: str, version: str, snapshot_path: str
+) -> registry.PromotionDecision:
     """Apply the promotion gate to `version`, both versions re-scored on this snapshot."""
     client = registry.get_client(settings)
     return registry.promote(client, name, version, settings, score=rescorer(settings, snapshot_path, name))
 
 
-@stage("champion-outputs", ("mlflow", "train"))
-def champion_outputs(settings: Settings, name: str, snapshot_name: str) -> str:
+@stage("champion-outputs")
+def champion_outputs(settings: ChampionSettings, name: str, snapshot_name: str) -> str:
     """DVC's train outputs describe the registry's champion: its bundle in
     `train.model_dir/NAME` and its metrics (with `model_version`) in `reports/SNAPSHOT/metrics.json`
     (after a refused challenger, the champion's again). Returns the champion's version."""
@@ -189,12 +216,12 @@ def champion_outputs(settings: Settings, name: str, snapshot_name: str) -> str:
     return resolved.version
 
 
-DaskRunner = Callable[[Settings, str, str, str, list[scoring.Partition]], None]
+DaskRunner = Callable[[StageSettings, str, str, str, list[scoring.Partition]], None]
 
 
-@stage("score", ("score", "mlflow", "warehouse"), NETWORK, run_name="score-{job}")
+@stage("score", NETWORK, run_name="score-{job}")
 def score(
-    settings: Settings,
+    settings: ScoreSettings,
     job: str,
     model_uri: str,
     source: str | None,
@@ -233,9 +260,9 @@ def score(
     return result
 
 
-@stage("score-partition", ("score", "mlflow", "warehouse"), NETWORK, run_name="score-{job}-part-{part.index}")
+@stage("score-partition", NETWORK, run_name="score-{job}-part-{part.index}")
 def score_partition(
-    settings: Settings, job: str, model_uri: str, source: str, part: scoring.Partition
+    settings: ScoreSettings, job: str, model_uri: str, source: str, part: scoring.Partition
 ) -> int:
     """One partition on one Dask worker: load the model from the registry, score, write Parquet."""
     import torch
@@ -245,8 +272,8 @@ def score_partition(
     return scoring.score_partition(bundle, job, source, part, settings)
 
 
-@stage("drift-report", ("monitor", "mlflow", "score", "snapshot", "data", "warehouse"), NETWORK)
-def drift_report(settings: Settings, source: str, run_tags: dict[str, str] | None = None) -> dict:
+@stage("drift-report", NETWORK)
+def drift_report(settings: MonitorSettings, source: str, run_tags: dict[str, str] | None = None) -> dict:
     """Compare a sample of `source` with the champion's training snapshot; log it to MLflow."""
     import mlflow
 

@@ -177,7 +177,8 @@ def job_outputs(bundle: ModelBundle) -> dict[str, str]:
     }
 
 
-# the configuration that shapes the model (the rest of it is the run's config/settings.json)
+# the configuration that shapes the model (the rest of the train stage's sections: the run's
+# config/settings.json, which holds exactly what the stage reads)
 MODEL_PARAMS = (
     "model.",
     "train.batch_size",
@@ -192,14 +193,12 @@ MODEL_PARAMS = (
     "train.patience",
     "train.gradient_clip_val",
     "train.seed",
-    "schema.",
     "snapshot.val_fraction",
     "snapshot.eval_fraction",
     "snapshot.seed",
     "evaluation.importance_samples",
     "evaluation.false_alarm_rate",
     "score.importance_samples",
-    "promotion.metric",
 )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.config import settings_view
 from tests.conftest import REPO, small_params
 
 BIN = Path(sys.executable).parent
@@ -73,19 +74,29 @@ def test_dvc_yaml_params_are_what_each_stage_reads():
             assert set(fn.reads) <= set(DVC_PARAMS[name]), (name, fn.stage_name, fn.reads)
 
 
+PeekSettings = settings_view("PeekSettings", "model")  # a stage's annotation is looked up in its module
+
+
 def test_a_stage_reading_an_undeclared_section_fails(tmp_path):
     from pipelines.config import UndeclaredSection, load_settings
     from pipelines.stages import stage
 
     settings = load_settings(small_params(tmp_path))
 
-    @stage("peek", ("model",))
-    def peek(settings):
+    @stage("peek")
+    def peek(settings: PeekSettings):
         return settings.model.latent_dim, settings.train.max_epochs
 
-    with pytest.raises(UndeclaredSection, match=r"stage 'peek' read settings.train.*add 'train'"):
+    assert peek.reads == ("model",)
+    with pytest.raises(UndeclaredSection, match=r"PeekSettings read settings.train.*add 'train'"):
         peek(settings)
-    assert settings.train.max_epochs == 2  # outside a stage every section reads
+    assert settings.train.max_epochs == 2  # the whole Settings still reads every section
+
+    with pytest.raises(TypeError, match="first parameter must be `settings: <a settings_view>`"):
+
+        @stage("untyped")
+        def untyped(settings):
+            return settings
 
 
 def test_a_dvc_stage_refuses_a_source_it_cannot_name(tmp_path, flights):

@@ -196,7 +196,12 @@ def test_second_training_is_challenger_and_gate_is_recorded(pipeline_run):
     from pipelines.flows import retrain
 
     settings, _, _ = pipeline_run
-    out = retrain(params=str(settings.root / "params.yaml"), overrides=["promotion.min_improvement=1000"])
+    # another seed: a real challenger (promotion.* is not what the train stage reads, so with
+    # only the gate changed this would be a rerun of the champion, refused as such)
+    out = retrain(
+        params=str(settings.root / "params.yaml"),
+        overrides=["promotion.min_improvement=1000", "train.seed=1"],
+    )
     assert out["version"] == "2" and not out["promotion"]["promoted"]
     client = registry.get_client(settings)
     assert client.get_model_version_by_alias("flights_small_vae", "challenger").version == 2

@@ -19,7 +19,7 @@ from tests.reliability.conftest import assert_one_error, cli
 def _flaky(fails_with: BaseException, failures: int):
     calls = {"n": 0}
 
-    @stages.stage("flaky", (), stages.Retry(2, (0, 0)))
+    @stages.stage("flaky", stages.Retry(2, (0, 0)))
     def fn() -> str:
         calls["n"] += 1
         if calls["n"] <= failures:
