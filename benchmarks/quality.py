@@ -11,7 +11,7 @@ everyone, in one run:
   reconstruction RMSE of numeric cells from those codes against PCA.
 
 The VAE is trained the way `vaeflow train` trains it (the snapshot's split, the schema on the
-train split, `training.fit` with params.yaml's defaults) and scored by `scoring.score_frame`
+train split, `search.fit_best` with params.yaml's defaults) and scored by `scoring.score_frame`
 as `vaeflow score` does; the only settings added are the `--set` values a user passes: a conv
 network for image tables and `model.latent_dim` for the 2-d and 8-d codes.
 
@@ -42,7 +42,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from benchmarks.datasets import BenchTable, anomaly_construction, load_tables
-from pipelines import ingest, scoring, training
+from pipelines import ingest, scoring, search
 from pipelines.config import Settings, load_settings
 from pipelines.credentials import redact
 from vae_models import inference
@@ -115,14 +115,15 @@ def user_settings(table: BenchTable, ckpt_dir: str, *overrides: str) -> Settings
 
 def fit_vae(table: BenchTable, df: pd.DataFrame, *overrides: str) -> ModelBundle:
     """Train as `vaeflow train` does on a table holding `df`: the snapshot's seeded train/val/eval
-    split, the schema fitted on the train split, `training.fit` with params.yaml's defaults."""
+    split, the schema fitted on the train split, `search.fit_best` (the configuration search
+    over `train.search.space`, then `training.fit`) with params.yaml's defaults."""
     with tempfile.TemporaryDirectory() as ckpt_dir:
         settings = user_settings(table, ckpt_dir, *overrides)
         snap = settings.snapshot
         labels = ingest.split_labels(df, None, snap.val_fraction, snap.eval_fraction, snap.seed)
         train_df, val_df = (df[labels == s].reset_index(drop=True) for s in ("train", "val"))
         schema = ingest.table_schema(settings, train_df, None)
-        result = training.fit(train_df, val_df, schema, settings)
+        result = search.fit_best(train_df, val_df, schema, settings).fit
     return ModelBundle(result.module.vae, result.schema)
 
 

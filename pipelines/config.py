@@ -129,6 +129,43 @@ class ValidationConfig(_Section):
         return data
 
 
+class SearchConfig(_Section):
+    """The grid of VAE configurations one training chooses from (`pipelines/search.py`)."""
+
+    space: dict[str, list[Any]] = Field(
+        default_factory=lambda: {"model.beta": [1.0, 0.25]},
+        description="model.FIELD -> the values to try (every combination is one trial; {} = no "
+        "search: params.yaml's model as it is); a field here overrides its model.* value",
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="no new trial starts after this; none: every combination is tried"
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _model_fields(cls, space: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in space.items():
+            section, _, name = key.partition(".")
+            if section != "model" or name not in VAEConfig.model_fields:
+                raise ValueError(
+                    f"{key!r} is not a model setting; use model.FIELD with FIELD one of "
+                    f"{sorted(VAEConfig.model_fields)}"
+                )
+            if not values:
+                raise ValueError(f"{key!r} has no values to try")
+            for value in values:  # each value must make a valid model config
+                if not isinstance(value, str | int | float | bool):
+                    raise ValueError(
+                        f"{key}={value!r}: a grid value is a number, a string or true/false "
+                        "(Optuna's categorical choices); search list-valued settings by hand"
+                    )
+                try:
+                    VAEConfig.model_validate({name: value})
+                except ValidationError as exc:
+                    raise ValueError(f"{key}={value!r}: {exc.errors()[0]['msg']}") from None
+        return space
+
+
 class TrainConfig(_Section):
     """How long and on what a fit trains; the budget rule is `vae_models.data.plan_budget`."""
 
@@ -166,6 +203,7 @@ class TrainConfig(_Section):
     checkpoint_dir: str = "data/checkpoints"
     model_dir: str = "data/models"
     progress_bar: bool = True
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
 
 class EvaluationConfig(_Section):
@@ -265,21 +303,23 @@ class _Resolving:
         p = Path(value)
         return p if p.is_absolute() else self.root / p  # type: ignore[attr-defined]
 
+    def _rooted(self, url: str, prefix: str) -> str:
+        """`prefix` + a relative file path (e.g. sqlite:///mlflow.db) resolved against the root."""
+        if url.startswith(prefix) and not url.startswith(prefix + "/"):
+            return f"{prefix}{self.path(url.removeprefix(prefix))}"
+        return url
+
     @property
     def tracking_uri(self) -> str:
         """The MLflow tracking URI, a credential reference resolved (see `credentials.resolve`)."""
         uri = credentials.resolve(self.mlflow.tracking_uri, "mlflow.tracking_uri")  # type: ignore[attr-defined]
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            return f"sqlite:///{self.path(uri.removeprefix('sqlite:///'))}"
-        return uri
+        return self._rooted(uri, "sqlite:///")
 
     @property
     def warehouse_url(self) -> str:
         """The warehouse URL, a credential reference resolved (see `credentials.resolve`)."""
         url = credentials.resolve(self.warehouse.url, "warehouse.url")  # type: ignore[attr-defined]
-        if url.startswith("duckdb:///") and not url.startswith("duckdb:////"):
-            return f"duckdb:///{self.path(url.removeprefix('duckdb:///'))}"
-        return url
+        return self._rooted(url, "duckdb:///")
 
     @property
     def lock_url(self) -> str | None:

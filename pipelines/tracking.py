@@ -24,7 +24,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.types import DataType
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
-from pipelines import atomic, names, plots, registry, training
+from pipelines import atomic, names, plots, registry, search, training
 from pipelines.config import Settings
 from pipelines.credentials import redact
 from pipelines.errors import TransientError
@@ -199,6 +199,7 @@ MODEL_PARAMS = (
     "evaluation.importance_samples",
     "evaluation.false_alarm_rate",
     "score.importance_samples",
+    "train.search.",
 )
 
 
@@ -338,33 +339,33 @@ def _train_in_run(
     schema = snapshot.schema
     with mlflow.start_run(run_id=run_id):
         mlflow.log_params(
-            {
-                **model_params(settings),
-                "data.rows_train": len(train_df),
-                "data.rows_val": len(val_df),
-                "data.rows_eval": len(eval_df),
-            }
+            {"data.rows_train": len(train_df), "data.rows_val": len(val_df), "data.rows_eval": len(eval_df)}
         )
-        mlflow.log_dict(_flatten(settings.model_dump(mode="json", by_alias=True)), "config/settings.json")
         log_datasets(snapshot, {"training": train_df, "validation": val_df, "evaluation": eval_df})
         # keyed by data and config, not by run: a retried task resumes from its last checkpoint
         attempt = f"{run_tags['vaeflow.snapshot_md5'][:12]}-{run_tags['vaeflow.params_hash'][:12]}"
         ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / attempt
-        result = training.fit(
-            train_df,
-            val_df,
-            schema,
-            settings,
-            mlflow_run=training.MlflowRun(settings.tracking_uri, run_id),
-            checkpoint_dir=ckpt_dir,
+        found = search.fit_best(
+            train_df, val_df, schema, settings, checkpoint_dir=ckpt_dir, in_mlflow_run=True
         )
+        result, settings = found.fit, found.settings  # the settings with the kept trial's model.*
         budget = result.budget
+        per_epoch = budget.val_every >= budget.steps_per_epoch
+        if found.trials:  # the kept trial's validation curve on this run too
+            training.history_to_mlflow(
+                training.MlflowRun(settings.tracking_uri, run_id), result.history, per_epoch
+            )
+            mlflow.log_dict({"trials": found.trials}, "search/trials.json")
         mlflow.log_params(
-            {"train.batch_size_used": budget.batch_size, "train.max_steps_used": budget.max_steps}
+            {
+                **model_params(settings),
+                "train.batch_size_used": budget.batch_size,
+                "train.max_steps_used": budget.max_steps,
+                "search.trials": len(found.trials),
+            }
         )
-        mlflow.set_tag(
-            "vaeflow.metric_step", "epoch" if budget.val_every >= budget.steps_per_epoch else "global_step"
-        )
+        mlflow.log_dict(_flatten(settings.model_dump(mode="json", by_alias=True)), "config/settings.json")
+        mlflow.set_tag("vaeflow.metric_step", "epoch" if per_epoch else "global_step")
         bundle = ModelBundle(vae=result.module.vae, schema=result.schema)
         evaluation = training.evaluate(bundle, eval_df, val_df, settings)
         bundle.extra.update(

@@ -120,15 +120,7 @@ class ValidationHistory(Callback):
         self._log_line(row)
 
     def _to_mlflow(self, row: dict[str, float]) -> None:
-        import time
-
-        import mlflow
-        from mlflow.entities import Metric
-
-        step = int(row["epoch"] if self.per_epoch else row["step"])
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in row.items() if k != "step" and math.isfinite(v)]
-        mlflow.MlflowClient(self.run.tracking_uri).log_batch(self.run.run_id, metrics=metrics)
+        history_to_mlflow(self.run, [row], self.per_epoch)
 
     def _log_line(self, row: dict[str, float]) -> None:
         best = best_row(self.rows(), self.monitor)
@@ -148,6 +140,25 @@ class ValidationHistory(Callback):
                 r.setdefault("step", r["epoch"])  # a history written before steps were recorded
                 latest[r["step"]] = {**latest.get(r["step"], {}), **r}
         return [latest[s] for s in sorted(latest)]
+
+
+def history_to_mlflow(run: MlflowRun, rows: list[dict[str, float]], per_epoch: bool) -> None:
+    """Validation rows as MLflow metrics of `run` (step: the epoch, or the global step)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(k, v, now, int(row["epoch"] if per_epoch else row["step"]))
+        for row in rows
+        for k, v in row.items()
+        if k != "step" and math.isfinite(v)
+    ]
+    client = mlflow.MlflowClient(run.tracking_uri)
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+        client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
 
 
 def best_row(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
