@@ -6,6 +6,7 @@ the CLI, the Prefect flows and `dvc repro` see the same files wherever they star
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -153,16 +154,14 @@ class SearchConfig(_Section):
                 )
             if not values:
                 raise ValueError(f"{key!r} has no values to try")
-            for value in values:  # each value must make a valid model config
+            if len(set(map(repr, values))) < len(values):
+                raise ValueError(f"{key!r} lists a value twice: {values}")
+            for value in values:
                 if not isinstance(value, str | int | float | bool):
                     raise ValueError(
                         f"{key}={value!r}: a grid value is a number, a string or true/false "
                         "(Optuna's categorical choices); search list-valued settings by hand"
                     )
-                try:
-                    VAEConfig.model_validate({name: value})
-                except ValidationError as exc:
-                    raise ValueError(f"{key}={value!r}: {exc.errors()[0]['msg']}") from None
         return space
 
 
@@ -291,7 +290,7 @@ class MonitorConfig(_Section):
     retrain_on_drift: bool = True
 
 
-class UndeclaredSection(AttributeError):
+class UndeclaredSection(RuntimeError):
     """A stage read a config section it does not declare (a bug: DVC would not rerun it)."""
 
 
@@ -352,6 +351,21 @@ class Settings(_Resolving, _Section):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return Path(v).resolve()
+
+    @model_validator(mode="after")
+    def _search_points_are_models(self) -> Settings:
+        """Every combination of train.search.space, applied to this model section, is a valid model."""
+        space = self.train.search.space
+        for values in itertools.product(*space.values()):
+            fields = {key.removeprefix("model."): v for key, v in zip(space, values, strict=True)}
+            try:
+                VAEConfig.model_validate({**self.model.model_dump(), **fields})
+            except ValidationError as exc:
+                point = ", ".join(f"{k}={v!r}" for k, v in zip(space, values, strict=True))
+                raise ValueError(
+                    f"train.search.space: {point} with this model section: {exc.errors()[0]['msg']}"
+                ) from None
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -450,5 +464,8 @@ def load_settings(params: str | Path | None = None, overrides: list[str] | None 
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+            for err in exc.errors()
+        )
         raise ConfigError(f"invalid configuration ({path}, overrides {overrides or []}): {problems}") from exc

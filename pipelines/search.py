@@ -1,10 +1,10 @@
 """Choose the VAE configuration on the held-out cells: one fit per point of `train.search.space`.
 
-Optuna's `GridSampler` walks the grid (every combination once, in a seeded order) within
-`train.search.max_minutes`; each trial is a `training.fit` with those `model.*` values, scored
-by the value of its kept weights on the fit's monitor (held-out cells' NLL by default: the
-imputation target), and, inside an MLflow run, an MLflow run nested under it (Optuna's
-`MLflowCallback`): the trial's values as params, its validation curve and its score. The best
+Optuna's `GridSampler` walks the grid (every combination once, in a seeded order; no new trial
+after `train.search.max_minutes`); each trial is a `training.fit` with those `model.*` values,
+scored by its kept weights' value of the fit's monitor (held-out cells' NLL by default: the
+imputation target) and, inside an MLflow run, is an MLflow run nested under it (in its
+experiment): the trial's values as params, its validation curve and `search_score`. The best
 trial's fit is the result; the others are dropped.
 """
 
@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipelines import training
+from pipelines.errors import TransientError, VaeflowError
 from vae_models.config import VAEConfig
 from vae_models.schema import TableSchema
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from pipelines.config import Settings, StageSettings
 
 log = logging.getLogger(__name__)
+
+TRANSIENT = (TransientError, ConnectionError, TimeoutError)  # retried by the stage, not skipped
 
 
 @dataclass
@@ -54,21 +56,6 @@ def with_model(settings: Settings | StageSettings, values: dict[str, Any]) -> Se
     return settings.model_copy(update={"model": model})
 
 
-@contextmanager
-def _experiment(experiment_id: str | None) -> Iterator[None]:
-    """MLflow's nested runs go to the active experiment, not their parent's: point it there."""
-    previous = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if experiment_id is not None:
-        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = previous
-
-
 def fit_best(
     train_df: pd.DataFrame,
     val_df: pd.DataFrame,
@@ -77,12 +64,15 @@ def fit_best(
     *,
     checkpoint_dir: Path | None = None,
     in_mlflow_run: bool = False,
+    run_tags: dict[str, str] | None = None,
 ) -> SearchResult:
     """Fit each configuration of `train.search.space` (one fit, without a search, when it has
     a single point) and keep the best on the held-out cells. With `in_mlflow_run` (an active
-    MLflow run), each trial is a nested run. A trial's checkpoints are under
-    `checkpoint_dir/trial-<hash of its values>` (default: `train.checkpoint_dir`), so a
-    retried search resumes each trial and no trial resumes another's."""
+    MLflow run), each trial is a nested run tagged with `run_tags`. A trial's checkpoints are
+    under `checkpoint_dir/trial-<number>-<hash of its values>` (default: `train.checkpoint_dir`;
+    the grid's order is seeded), so a retried search resumes each trial and no trial resumes
+    another's. A trial that fails with anything but a transient error is logged and skipped;
+    when none gives a finite score, the first error is raised."""
     points = grid(settings.train.search.space)
     if len(points) <= 1:
         chosen = with_model(settings, points[0]) if points[0] else settings
@@ -90,73 +80,109 @@ def fit_best(
         result = training.fit(train_df, val_df, schema, chosen, mlflow_run=run, checkpoint_dir=checkpoint_dir)
         return SearchResult(result, chosen, [])
 
-    import warnings
-
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = checkpoint_dir or settings.path(settings.train.checkpoint_dir)
+    parent = _parent_run() if in_mlflow_run else None
     fits: dict[int, tuple[training.FitResult, Settings | StageSettings]] = {}
     trials: list[dict[str, Any]] = []
+    errors: list[Exception] = []
 
     def objective(trial: optuna.Trial) -> float:
-        values = {
-            key: trial.suggest_categorical(key, choices)
-            for key, choices in settings.train.search.space.items()
-        }
+        values = {key: trial.suggest_categorical(key, choices) for key, choices in space.items()}
         chosen = with_model(settings, values)
-        run = _active_run(chosen) if in_mlflow_run else None
-        if run is not None:
-            import mlflow
+        folder = base / f"trial-{trial.number}-{_digest(values)}"
+        with _trial_run(parent, trial.number, values, run_tags) as run_id:
+            record: dict[str, Any] = {"trial": trial.number, **values, "run_id": run_id}
+            trials.append(record)
+            run = training.MlflowRun(chosen.tracking_uri, run_id) if run_id else None
+            try:
+                result = training.fit(train_df, val_df, schema, chosen, mlflow_run=run, checkpoint_dir=folder)
+            except TRANSIENT:
+                raise
+            except Exception as exc:  # this configuration failed (e.g. diverged): try the others
+                log.warning("search trial %d %s failed: %s", trial.number, values, exc)
+                record["error"] = str(exc)
+                errors.append(exc)
+                _end_failed(run_id)
+                return math.inf
+            scored_by, score = trial_score(result)
+            record.update(scored_by=scored_by, score=score)
+            if run_id:
+                import mlflow
 
-            mlflow.set_tags(
-                {"mlflow.runName": f"trial-{trial.number}", "vaeflow.search_trial": str(trial.number)}
-            )
-        key = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        result = training.fit(
-            train_df,
-            val_df,
-            schema,
-            chosen,
-            mlflow_run=run,
-            checkpoint_dir=base / f"trial-{key}",
-        )
+                mlflow.log_metric("search_score", score)
+                mlflow.set_tag("vaeflow.search_scored_by", scored_by)
         fits[trial.number] = (result, chosen)
-        score = result.best.get(result.monitor, math.inf)
-        trials.append(
-            {"trial": trial.number, **values, result.monitor: score, "run_id": run.run_id if run else None}
-        )
-        log.info("search trial %d %s: %s %.5g", trial.number, values, result.monitor, score)
-        return score if math.isfinite(score) else math.inf
+        log.info("search trial %d %s: %s %.5g", trial.number, values, scored_by, score)
+        return score
 
     space = settings.train.search.space
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.GridSampler(space, seed=settings.train.seed)
     )
     cfg = settings.train.search
-    timeout = cfg.max_minutes * 60 if cfg.max_minutes else None
-    if in_mlflow_run:
-        import mlflow
-        from optuna_integration.mlflow import MLflowCallback
-
-        monitor = settings.train.monitor
-        callback = MLflowCallback(
-            metric_name=f"search_{monitor}", create_experiment=False, mlflow_kwargs={"nested": True}
-        )
-        with _experiment(mlflow.active_run().info.experiment_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            study.optimize(
-                callback.track_in_mlflow()(objective),
-                n_trials=len(points),
-                timeout=timeout,
-                callbacks=[callback],
-            )
-    else:
-        study.optimize(objective, n_trials=len(points), timeout=timeout)
+    study.optimize(objective, n_trials=len(points), timeout=cfg.max_minutes * 60 if cfg.max_minutes else None)
+    if not math.isfinite(study.best_value):
+        if errors:
+            raise errors[0]
+        raise VaeflowError("no configuration of train.search.space gave a finite validation score")
     best = study.best_trial.number
     result, chosen = fits[best]
-    log.info("search: trial %d of %d kept %s", best, len(fits), study.best_trial.params)
+    log.info("search: trial %d of %d kept %s", best, len(trials), study.best_trial.params)
     return SearchResult(result, chosen, trials)
+
+
+def trial_score(result: training.FitResult) -> tuple[str, float]:
+    """(metric, value) a trial is compared by: its kept weights' value of the fit's monitor, but
+    the unweighted bound for `val_loss`, which is beta-weighted and would favour a small beta."""
+    if result.monitor == "val_loss":
+        value = -result.best.get("val_bound", math.nan)
+        name = "-val_bound"
+    else:
+        value, name = result.best.get(result.monitor, math.nan), result.monitor
+    return name, value if math.isfinite(value) else math.inf
+
+
+def _digest(values: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _parent_run() -> tuple[str, str]:
+    import mlflow
+
+    active = mlflow.active_run()
+    return active.info.run_id, active.info.experiment_id
+
+
+@contextmanager
+def _trial_run(
+    parent: tuple[str, str] | None, number: int, values: dict[str, Any], tags: dict[str, str] | None
+) -> Iterator[str | None]:
+    """A nested MLflow run for one trial (in the parent's experiment, named, with the values as
+    params); None without a parent."""
+    if parent is None:
+        yield None
+        return
+    import mlflow
+
+    with mlflow.start_run(
+        experiment_id=parent[1],
+        run_name=f"trial-{number}",
+        nested=True,
+        tags={**(tags or {}), "vaeflow.search_trial": str(number)},
+    ) as run:
+        mlflow.log_params(values)
+        yield run.info.run_id
+
+
+def _end_failed(run_id: str | None) -> None:
+    if run_id:
+        import mlflow
+
+        mlflow.set_tag("vaeflow.search_error", "the fit failed; see the training log")
+        mlflow.end_run("FAILED")
 
 
 def _active_run(settings: Settings | StageSettings) -> training.MlflowRun:

@@ -346,7 +346,13 @@ def _train_in_run(
         attempt = f"{run_tags['vaeflow.snapshot_md5'][:12]}-{run_tags['vaeflow.params_hash'][:12]}"
         ckpt_dir = settings.path(settings.train.checkpoint_dir) / model_name / attempt
         found = search.fit_best(
-            train_df, val_df, schema, settings, checkpoint_dir=ckpt_dir, in_mlflow_run=True
+            train_df,
+            val_df,
+            schema,
+            settings,
+            checkpoint_dir=ckpt_dir,
+            in_mlflow_run=True,
+            run_tags=process_tags(),
         )
         result, settings = found.fit, found.settings  # the settings with the kept trial's model.*
         budget = result.budget

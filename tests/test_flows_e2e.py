@@ -83,9 +83,12 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(pipeline_run):
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{out['run_id']}'")
     assert sorted(float(r.data.params["model.beta"]) for r in children) == [0.25, 1.0]
     trials = mlflow.artifacts.load_dict(f"runs:/{out['run_id']}/search/trials.json")["trials"]
-    kept = min(trials, key=lambda t: t["val_heldout_nll"])
+    kept = min(trials, key=lambda t: t["score"])
     assert float(params["model.beta"]) == kept["model.beta"] and params["search.trials"] == "2"
-    assert run.data.metrics["best_val_heldout_nll"] == pytest.approx(kept["val_heldout_nll"])
+    assert run.data.metrics["best_val_heldout_nll"] == pytest.approx(kept["score"])
+    assert {r.data.tags["vaeflow.pid"] for r in children} == {
+        run.data.tags["vaeflow.pid"]
+    }  # reaped if killed
     config = mlflow.artifacts.load_dict(f"runs:/{out['run_id']}/config/settings.json")
     assert config["train.checkpoint_dir"] == "data/checkpoints" and config["model.latent_dim"] == 4
     artifacts = {a.path.removeprefix("plots/") for a in client.list_artifacts(out["run_id"], "plots")}
