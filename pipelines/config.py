@@ -141,6 +141,12 @@ class SearchConfig(_Section):
     max_minutes: float | None = Field(
         None, gt=0, description="no new trial starts after this; none: every combination is tried"
     )
+    metric: Literal["val_heldout_mse", "val_heldout_nll", "val_heldout_error", "monitor"] = Field(
+        "val_heldout_mse",
+        description="what picks the trial, at each trial's kept weights: the held-out cells' squared "
+        "error (imputation), NLL or categorical error rate; monitor: train.monitor (also the fallback "
+        "for a table without that value)",
+    )
 
     @field_validator("space")
     @classmethod

@@ -2,8 +2,8 @@
 
 Optuna's `GridSampler` walks the grid (every combination once, in a seeded order; no new trial
 after `train.search.max_minutes`); each trial is a `training.fit` with those `model.*` values,
-scored by its kept weights' value of the fit's monitor (held-out cells' NLL by default: the
-imputation target) and, inside an MLflow run, is an MLflow run nested under it (in its
+scored at its kept weights by `train.search.metric` (default: the held-out cells' squared
+error, the imputation target) and, inside an MLflow run, is an MLflow run nested under it (in its
 experiment): the trial's values as params, its validation curve and `search_score`. The best
 trial's fit is the result; the others are dropped.
 """
@@ -107,7 +107,7 @@ def fit_best(
                 errors.append(exc)
                 _end_failed(run_id)
                 return math.inf
-            scored_by, score = trial_score(result)
+            scored_by, score = trial_score(result, settings.train.search.metric)
             record.update(scored_by=scored_by, score=score)
             if run_id:
                 import mlflow
@@ -134,14 +134,18 @@ def fit_best(
     return SearchResult(result, chosen, trials)
 
 
-def trial_score(result: training.FitResult) -> tuple[str, float]:
-    """(metric, value) a trial is compared by: its kept weights' value of the fit's monitor, but
-    the unweighted bound for `val_loss`, which is beta-weighted and would favour a small beta."""
+def trial_score(result: training.FitResult, metric: str = "monitor") -> tuple[str, float]:
+    """(metric, value) a trial is compared by, at its kept weights: `metric` (e.g.
+    val_heldout_mse), or, when it is "monitor" or the fit has no such value (no numeric
+    column), the fit's monitor; for `val_loss`, which weights the KL by beta and would favour
+    a small beta, the unweighted bound."""
+    value = result.best.get(metric, math.nan) if metric != "monitor" else math.nan
+    if math.isfinite(value):
+        return metric, value
     if result.monitor == "val_loss":
-        value = -result.best.get("val_bound", math.nan)
-        name = "-val_bound"
+        name, value = "-val_bound", -result.best.get("val_bound", math.nan)
     else:
-        value, name = result.best.get(result.monitor, math.nan), result.monitor
+        name, value = result.monitor, result.best.get(result.monitor, math.nan)
     return name, value if math.isfinite(value) else math.inf
 
 

@@ -85,7 +85,7 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(pipeline_run):
     trials = mlflow.artifacts.load_dict(f"runs:/{out['run_id']}/search/trials.json")["trials"]
     kept = min(trials, key=lambda t: t["score"])
     assert float(params["model.beta"]) == kept["model.beta"] and params["search.trials"] == "2"
-    assert run.data.metrics["best_val_heldout_nll"] == pytest.approx(kept["score"])
+    assert run.data.metrics["best_val_heldout_mse"] == pytest.approx(kept["score"])
     assert {r.data.tags["vaeflow.pid"] for r in children} == {
         run.data.tags["vaeflow.pid"]
     }  # reaped if killed

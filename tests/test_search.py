@@ -49,9 +49,12 @@ def test_the_kept_fit_is_the_trial_with_the_best_held_out_score(tmp_path, frames
     monitor = found.fit.monitor
     assert [sorted(t) for t in found.trials] == [sorted(["trial", *GRID, "scored_by", "score", "run_id"])] * 2
     assert {t["model.beta"] for t in found.trials} == {1.0, 0.25}
-    assert {t["scored_by"] for t in found.trials} == {monitor} == {"val_heldout_nll"}
+    # picked by the held-out cells' squared error (train.search.metric), at the weights each
+    # fit kept by its monitor (their NLL)
+    assert monitor == "val_heldout_nll"
+    assert {t["scored_by"] for t in found.trials} == {"val_heldout_mse"}
     best = min(found.trials, key=lambda t: t["score"])
-    assert found.fit.best[monitor] == best["score"]
+    assert found.fit.best["val_heldout_mse"] == best["score"]
     # the kept weights are that trial's model, and the returned settings say so
     assert found.fit.module.vae.config.beta == best["model.beta"] == found.settings.model.beta
     assert found.fit.module.vae.config.latent_dim == 2 == found.settings.model.latent_dim
@@ -130,9 +133,23 @@ def test_a_failing_trial_is_skipped_and_a_search_where_all_fail_raises_the_error
 def test_trials_are_compared_by_the_unweighted_bound_when_the_monitor_is_val_loss(tmp_path, frames):
     # val_loss weights the KL by beta: compared as is, beta=0.25 would always look better
     settings = load_settings(
-        small_params(tmp_path, train={"max_epochs": 1, "monitor": "val_loss", "search": {"space": GRID}})
+        small_params(
+            tmp_path,
+            train={"max_epochs": 1, "monitor": "val_loss", "search": {"space": GRID, "metric": "monitor"}},
+        )
     )
     found = search.fit_best(*frames, settings)
     assert {t["scored_by"] for t in found.trials} == {"-val_bound"}
     assert all(math.isfinite(t["score"]) for t in found.trials)
     assert found.fit.best["val_bound"] == -min(t["score"] for t in found.trials)
+
+
+def test_a_table_without_numeric_columns_is_compared_by_the_monitor(tmp_path, flights):
+    cols = ["rownames", "carrier", "origin"]
+    train_df, val_df = flights.iloc[:1200][cols], flights.iloc[1200:1600][cols]
+    schema = infer_schema(train_df, key="rownames")
+    assert not schema.numeric
+    settings = load_settings(small_params(tmp_path, train={"max_epochs": 1, "search": {"space": GRID}}))
+    found = search.fit_best(train_df, val_df, schema, settings)
+    assert {t["scored_by"] for t in found.trials} == {"val_heldout_nll"}
+    assert found.fit.best["val_heldout_nll"] == min(t["score"] for t in found.trials)
