@@ -51,6 +51,7 @@ from vae_models.bundle import ModelBundle
 SEED = 0
 MCAR_RATES = (0.2, 0.5)
 PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+USER_SETS: list[str] = []  # --set values: a user's overrides, applied to every fit
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -98,7 +99,8 @@ def mean_filled(matrix: np.ndarray) -> np.ndarray:
 
 def user_settings(table: BenchTable, ckpt_dir: str, *overrides: str) -> Settings:
     """params.yaml as a user has it, with the settings a user would pass for this table: a conv
-    network and numeric pixels for image tables, and the task's own `--set` values."""
+    network and numeric pixels for image tables, the benchmark's `--set` values, and the
+    task's own (`model.latent_dim` for the embedding rows)."""
     image = (
         [
             "model.architecture=conv",
@@ -109,7 +111,8 @@ def user_settings(table: BenchTable, ckpt_dir: str, *overrides: str) -> Settings
         else []
     )
     return load_settings(
-        PARAMS, [*image, *overrides, f"train.checkpoint_dir={ckpt_dir}", "train.progress_bar=false"]
+        PARAMS,
+        [*image, *USER_SETS, *overrides, f"train.checkpoint_dir={ckpt_dir}", "train.progress_bar=false"],
     )
 
 
@@ -335,6 +338,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tables", help="comma-separated subset of table names")
     parser.add_argument("--out", default="reports/benchmarks/quality.json")
     parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params.yaml override for every fit, as `vaeflow train --set` takes it "
+        "(e.g. 'train.search.space={model.beta: [1.0, 0.25]}')",
+    )
+    parser.add_argument(
         "--mlflow",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -355,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown table(s) {sorted(unknown)}; choose from {[t.name for t in tables]}")
         tables = [t for t in tables if t.name in wanted]
-    results: dict = {"seed": SEED, "params": str(PARAMS), "tables": {}}
+    USER_SETS[:] = args.sets
+    load_settings(PARAMS, args.sets)  # a bad override fails before any work
+    results: dict = {"seed": SEED, "params": str(PARAMS), "sets": args.sets, "tables": {}}
     for table in tables:
         t0 = time.perf_counter()
         log.info("%s (%s): %d rows x %d columns", table.name, table.source, *table.features.shape)

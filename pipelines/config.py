@@ -134,7 +134,7 @@ class SearchConfig(_Section):
     """The grid of VAE configurations one training chooses from (`pipelines/search.py`)."""
 
     space: dict[str, list[Any]] = Field(
-        default_factory=lambda: {"model.beta": [1.0, 0.25]},
+        default_factory=dict,
         description="model.FIELD -> the values to try (every combination is one trial; {} = no "
         "search: params.yaml's model as it is); a field here overrides its model.* value",
     )

@@ -48,9 +48,7 @@ def small_params(root: Path, **sections) -> Path:
     params["seed"]["enabled"] = False
     params["data"].update(source="flights_small", key="rownames")
     params["model"].update(latent_dim=4, hidden_dims=[32, 32])
-    # no configuration search (one fit) unless a test asks for one: tests/test_search.py and
-    # the e2e flow run it with the default grid
-    params["train"].update(max_epochs=2, batch_size=256, progress_bar=False, search={"space": {}})
+    params["train"].update(max_epochs=2, batch_size=256, progress_bar=False)
     params["evaluation"].update(importance_samples=8, latent_plot_rows=200)
     params["score"].update(chunk_size=1000, importance_samples=4, sample_rows=50)
     params["mlflow"]["model_name"] = "flights_small_vae"
