@@ -520,6 +520,16 @@ def main(argv: list[str] | None = None) -> None:
     print(report(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if parts != set(PARTS) and out.exists():  # a subset: keep the other parts' last figures
+        previous = json.loads(out.read_text())
+        kept = {k: v for k, v in previous.items() if k in PARTS and k not in parts}
+        if kept:
+            results = {
+                **kept,
+                **results,
+                "parts_run": sorted(parts),
+                "kept_from_previous": {"parts": sorted(kept), "rows": previous.get("rows")},
+            }
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     tmp_out.replace(out)
