@@ -321,6 +321,13 @@ class _Resolving:
         return self._rooted(uri, "sqlite:///")
 
     @property
+    def registry_uri(self) -> str:
+        """The MLflow model registry: MLFLOW_REGISTRY_URI (MLflow's own variable) when set, else
+        the tracking store."""
+        uri = os.environ.get("MLFLOW_REGISTRY_URI")
+        return self._rooted(uri, "sqlite:///") if uri else self.tracking_uri
+
+    @property
     def warehouse_url(self) -> str:
         """The warehouse URL, a credential reference resolved (see `credentials.resolve`)."""
         url = credentials.resolve(self.warehouse.url, "warehouse.url")  # type: ignore[attr-defined]

@@ -101,7 +101,9 @@ def _unanswered(what: str, exc: MlflowException) -> TransientError:
 def get_client(settings: Settings) -> MlflowClient:
     """A client for the configured tracking store and registry (checked to be reachable)."""
     check_reachable(settings.tracking_uri)
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    if settings.registry_uri != settings.tracking_uri:
+        check_reachable(settings.registry_uri)
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
 
 
 @dataclass
@@ -175,7 +177,7 @@ def _download(settings: Settings, uri: str, dst: Path) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per file otherwise
 
     mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.registry_uri)
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except MlflowException as exc:

@@ -64,7 +64,7 @@ def ensure_experiment(settings: Settings, name: str | None = None) -> str:
     uri = settings.tracking_uri
     registry.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_registry_uri(settings.registry_uri)
     name = name or settings.mlflow.experiment
     try:
         exp = mlflow.get_experiment_by_name(name)

@@ -17,9 +17,9 @@ from pipelines.warehouse import parse_ref, read_frame
 from tests.conftest import small_params
 
 
-def vaeflow(prefect_api: str | None, *args: str) -> tuple[int, str, str]:
+def vaeflow(prefect_api: str | None, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run the installed `vaeflow ARGS` in a subprocess; returns (exit code, stdout, stderr)."""
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
@@ -83,6 +83,34 @@ def test_train_and_score_a_table_never_seen_before(tmp_path, prefect_api, unseen
     )  # keyed by the file's identity
     schema = (snapshot / "schema.json").read_text()
     assert '"source": "constant column"' in schema and "high-cardinality text" in schema
+
+
+def test_a_separate_model_registry_named_by_mlflow_registry_uri(tmp_path, prefect_api, unseen_csv):
+    """MLflow's own MLFLOW_REGISTRY_URI puts the registered versions in another store: training
+    registers there, scoring loads the champion from there, the tracking store holds the runs."""
+    import mlflow
+
+    params = str(small_params(tmp_path))
+    registry_db = tmp_path / "registry" / "models.db"
+    registry_db.parent.mkdir()
+    env = {"MLFLOW_REGISTRY_URI": f"sqlite:///{registry_db}"}
+    code, out, err = vaeflow(
+        prefect_api, "train", "--source", unseen_csv, "--key", "diamond_id", "--params", params, env=env
+    )
+    assert code == 0, err
+    assert "registered diamonds_vae version 1" in out
+    separate = mlflow.MlflowClient(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registry_uri=env["MLFLOW_REGISTRY_URI"]
+    )
+    champion = separate.get_model_version_by_alias("diamonds_vae", "champion")
+    assert int(champion.version) == 1 and separate.get_run(champion.run_id).info.status == "FINISHED"
+    tracking_only = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert tracking_only.search_registered_models() == []  # nothing registered in the tracking store
+    dest = str(tmp_path / "codes.parquet")
+    score = ["score", "embed", "--model", "models:/diamonds_vae@champion", "--source", unseen_csv]
+    code, out, err = vaeflow(prefect_api, *score, "--dest", dest, "--params", params, env=env)
+    assert code == 0, err
+    assert len(pd.read_parquet(dest)) == 1500
 
 
 def _bad_csv(tmp_path, name: str, df: pd.DataFrame) -> str:
