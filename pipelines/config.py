@@ -130,6 +130,18 @@ class ValidationConfig(_Section):
         return data
 
 
+def grid_points(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a `train.search.space` ({} -> one empty point)."""
+    keys = list(space)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*space.values())]
+
+
+def model_with(model: VAEConfig, values: dict[str, Any]) -> VAEConfig:
+    """`model` with a grid point's `model.FIELD` values, validated as a model config."""
+    fields = {key.removeprefix("model."): value for key, value in values.items()}
+    return VAEConfig.model_validate({**model.model_dump(), **fields})
+
+
 class SearchConfig(_Section):
     """The grid of VAE configurations one training chooses from (`pipelines/search.py`)."""
 
@@ -368,13 +380,11 @@ class Settings(_Resolving, _Section):
     @model_validator(mode="after")
     def _search_points_are_models(self) -> Settings:
         """Every combination of train.search.space, applied to this model section, is a valid model."""
-        space = self.train.search.space
-        for values in itertools.product(*space.values()):
-            fields = {key.removeprefix("model."): v for key, v in zip(space, values, strict=True)}
+        for values in grid_points(self.train.search.space):
             try:
-                VAEConfig.model_validate({**self.model.model_dump(), **fields})
+                model_with(self.model, values)
             except ValidationError as exc:
-                point = ", ".join(f"{k}={v!r}" for k, v in zip(space, values, strict=True))
+                point = ", ".join(f"{k}={v!r}" for k, v in values.items())
                 raise ValueError(
                     f"train.search.space: {point} with this model section: {exc.errors()[0]['msg']}"
                 ) from None

@@ -11,7 +11,6 @@ trial's fit is the result; the others are dropped.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -24,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from pipelines import training
+from pipelines.config import grid_points, model_with
 from pipelines.errors import TransientError, VaeflowError
-from vae_models.config import VAEConfig
 from vae_models.schema import TableSchema
 
 if TYPE_CHECKING:
@@ -43,17 +42,9 @@ class SearchResult:
     trials: list[dict[str, Any]]  # each trial's values, score and MLflow run id, in order run
 
 
-def grid(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the space's values."""
-    keys = list(space)
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*space.values())]
-
-
 def with_model(settings: Settings | StageSettings, values: dict[str, Any]) -> Settings | StageSettings:
-    """`settings` with `model.FIELD` values replaced (validated as a model config)."""
-    fields = {key.removeprefix("model."): value for key, value in values.items()}
-    model = VAEConfig.model_validate({**settings.model.model_dump(), **fields})
-    return settings.model_copy(update={"model": model})
+    """`settings` with a grid point's `model.FIELD` values."""
+    return settings.model_copy(update={"model": model_with(settings.model, values)})
 
 
 def fit_best(
@@ -73,7 +64,9 @@ def fit_best(
     the grid's order is seeded), so a retried search resumes each trial and no trial resumes
     another's. A trial that fails with anything but a transient error is logged and skipped;
     when none gives a finite score, the first error is raised."""
-    points = grid(settings.train.search.space)
+    cfg = settings.train.search
+    space = cfg.space
+    points = grid_points(space)
     if len(points) <= 1:
         chosen = with_model(settings, points[0]) if points[0] else settings
         run = _active_run(chosen) if in_mlflow_run else None
@@ -107,7 +100,7 @@ def fit_best(
                 errors.append(exc)
                 _end_failed(run_id)
                 return math.inf
-            scored_by, score = trial_score(result, settings.train.search.metric)
+            scored_by, score = trial_score(result, cfg.metric)
             record.update(scored_by=scored_by, score=score)
             if run_id:
                 import mlflow
@@ -118,11 +111,9 @@ def fit_best(
         log.info("search trial %d %s: %s %.5g", trial.number, values, scored_by, score)
         return score
 
-    space = settings.train.search.space
     study = optuna.create_study(
         direction="minimize", sampler=optuna.samplers.GridSampler(space, seed=settings.train.seed)
     )
-    cfg = settings.train.search
     study.optimize(objective, n_trials=len(points), timeout=cfg.max_minutes * 60 if cfg.max_minutes else None)
     if not math.isfinite(study.best_value):
         if errors:

@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from pipelines import search
-from pipelines.config import load_settings
+from pipelines.config import grid_points, load_settings
 from pipelines.errors import ConfigError
 from tests.conftest import small_params
 from vae_models.schema import infer_schema
@@ -23,10 +23,10 @@ def frames(flights):
 
 
 def test_the_grid_is_every_combination():
-    assert search.grid({"model.beta": [1.0, 0.5], "model.latent_dim": [2, 4, 8]}) == [
+    assert grid_points({"model.beta": [1.0, 0.5], "model.latent_dim": [2, 4, 8]}) == [
         {"model.beta": b, "model.latent_dim": d} for b in (1.0, 0.5) for d in (2, 4, 8)
     ]
-    assert search.grid({}) == [{}]
+    assert grid_points({}) == [{}]
 
 
 def test_a_space_of_other_settings_is_refused_naming_the_key(tmp_path):
