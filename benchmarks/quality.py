@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from sklearn.ensemble import RandomForestRegressor
 from sklearn.experimental import enable_iterative_imputer  # noqa: F401
 from sklearn.impute import IterativeImputer, KNNImputer, SimpleImputer
 from sklearn.metrics import average_precision_score, roc_auc_score
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from benchmarks.datasets import BenchTable, anomaly_construction, load_tables
@@ -52,6 +54,7 @@ SEED = 0
 MCAR_RATES = (0.2, 0.5)
 PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 USER_SETS: list[str] = []  # --set values: a user's overrides, applied to every fit
+THREADS = os.cpu_count() or 1  # CPU threads of this process's torch and peers (--jobs divides the CPUs)
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -164,7 +167,7 @@ def imputation(table: BenchTable, rate: float) -> dict[str, float]:
         "knn": KNNImputer(n_neighbors=5),
         "mice": IterativeImputer(max_iter=10, random_state=SEED),
         "missforest": IterativeImputer(
-            estimator=RandomForestRegressor(n_estimators=50, n_jobs=2, random_state=SEED),
+            estimator=RandomForestRegressor(n_estimators=50, n_jobs=THREADS, random_state=SEED),
             max_iter=5,
             random_state=SEED,
         ),
@@ -207,15 +210,34 @@ def anomaly(table: BenchTable) -> dict[str, dict[str, float]]:
     }
 
 
+CV_REPEATS = 5  # 5-fold CV repeated with fresh shuffles: the paired difference's noise is known
+
+
+def paired_knn(codes: np.ndarray, peer: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """5-NN accuracy of two codings of the same rows on the same folds (5-fold CV, repeated
+    CV_REPEATS times), and the standard error of their per-fold difference. Folds overlap, so
+    the SE is optimistic; a difference within 2 SE is a tie, not a finding."""
+    cv = RepeatedStratifiedKFold(n_splits=5, n_repeats=CV_REPEATS, random_state=SEED)
+    knn = KNeighborsClassifier(5)
+    ours = cross_val_score(knn, codes, labels, cv=cv)
+    theirs = cross_val_score(knn, peer, labels, cv=cv)
+    diff = ours - theirs
+    return {
+        "vaeflow_knn_acc": float(ours.mean()),
+        "pca_knn_acc": float(theirs.mean()),
+        "knn_acc_diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff))),
+    }
+
+
 def embedding(table: BenchTable) -> dict[str, dict[str, float]]:
-    """5-NN accuracy (5-fold CV) of the codes and numeric reconstruction RMSE, VAE vs PCA."""
+    """5-NN accuracy of the codes (paired CV, with the difference's SE) and numeric
+    reconstruction RMSE, VAE vs PCA."""
     df = table.features
     d = design(table)
     x = mean_filled(d.matrix)
     truth = d.standardise(df)
     observed = ~np.isnan(truth)
     labels = table.label.to_numpy()
-    cv = StratifiedKFold(5, shuffle=True, random_state=SEED)
     out: dict[str, dict[str, float]] = {}
     for dim in (2, 8):
         bundle = fit_vae(table, df, f"model.latent_dim={dim}")
@@ -224,10 +246,8 @@ def embedding(table: BenchTable) -> dict[str, dict[str, float]]:
         pca = PCA(n_components=min(dim, x.shape[1]), random_state=SEED)
         pca_codes = pca.fit_transform(x)
         pca_recon = pca.inverse_transform(pca_codes)[:, : len(d.num_cols)]
-        knn = KNeighborsClassifier(5)
         out[f"{dim}d"] = {
-            "vaeflow_knn_acc": float(cross_val_score(knn, codes, labels, cv=cv).mean()),
-            "pca_knn_acc": float(cross_val_score(knn, pca_codes, labels, cv=cv).mean()),
+            **paired_knn(codes, pca_codes, labels),
             "vaeflow_recon_rmse": rmse(d.standardise(recon), truth, observed),
             "pca_recon_rmse": rmse(pca_recon, truth, observed),
             "pca_components": int(pca.n_components_),
@@ -270,7 +290,13 @@ def log_to_mlflow(results: dict, settings: Settings) -> str:
 
 
 def _table(title: str, rows: list[dict], cols: list[str], lower_is_better: bool) -> str:
-    head = f"\n{title}\n" + " ".join(f"{c:>13}" for c in ["table", *cols, "best peer", "vaeflow/best"])
+    """One task's table: each method, the best peer, the ratio to it and win/loss; with a row's
+    `se` (the SE of vaeflow - peer) also the difference and whether it is within 2 SE (tie)."""
+    noise = any("se" in row for row in rows)
+    extra = ["diff", "2 SE"] if noise else []
+    head = f"\n{title}\n" + " ".join(
+        f"{c:>13}" for c in ["table", *cols, "best peer", "vaeflow/best", *extra]
+    )
     lines = [head]
     for row in rows:
         peers = {c: row[c] for c in cols if c != "vaeflow"}
@@ -278,7 +304,14 @@ def _table(title: str, rows: list[dict], cols: list[str], lower_is_better: bool)
         ratio = row["vaeflow"] / peers[best_name] if abs(peers[best_name]) > 1e-9 else float("inf")
         wins = row["vaeflow"] <= peers[best_name] if lower_is_better else row["vaeflow"] >= peers[best_name]
         cells = [f"{row['table']:>13}", *(f"{row[c]:13.4f}" for c in cols), f"{best_name:>13}"]
-        lines.append(" ".join(cells) + f" {ratio:12.3f} {'win' if wins else 'loss'}")
+        verdict = "win" if wins else "loss"
+        tail = ""
+        if noise and "se" in row:
+            diff = row["vaeflow"] - peers[best_name]
+            tail = f" {diff:13.4f} {2 * row['se']:13.4f}"
+            if not wins and abs(diff) <= 2 * row["se"]:
+                verdict = "loss (tie: within 2 SE)"
+        lines.append(" ".join(cells) + f" {ratio:12.3f}{tail} {verdict}")
     return "\n".join(lines)
 
 
@@ -302,12 +335,19 @@ def report(results: dict) -> str:
         parts.append(_table(f"Anomaly {metric.upper()} (higher is better)", rows, cols, False))
     for dim in ("2d", "8d"):
         rows = [
-            {"table": t, "vaeflow": r["embed"][dim]["vaeflow_knn_acc"], "pca": r["embed"][dim]["pca_knn_acc"]}
+            {
+                "table": t,
+                "vaeflow": r["embed"][dim]["vaeflow_knn_acc"],
+                "pca": r["embed"][dim]["pca_knn_acc"],
+                **(
+                    {"se": r["embed"][dim]["knn_acc_diff_se"]} if "knn_acc_diff_se" in r["embed"][dim] else {}
+                ),
+            }
             for t, r in results["tables"].items()
         ]
         parts.append(
             _table(
-                f"Embedding {dim}: 5-NN accuracy of the codes (higher is better)",
+                f"Embedding {dim}: 5-NN accuracy of the codes (5-fold CV x {CV_REPEATS}, paired; higher is better)",
                 rows,
                 ["vaeflow", "pca"],
                 False,
@@ -329,8 +369,64 @@ def report(results: dict) -> str:
                 True,
             )
         )
-    parts.append(f"\nwall time {results['seconds']:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs")
+    parts.append(
+        f"\nwall time {results['seconds']:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"{results.get('jobs', 1)} table(s) at a time"
+    )
     return "\n".join(parts)
+
+
+def measure_table(table: BenchTable) -> dict:
+    """Every task on one table: imputation at each MCAR rate, anomaly, embeddings."""
+    t0 = time.perf_counter()
+    log.info("%s (%s): %d rows x %d columns", table.name, table.source, *table.features.shape)
+    entry: dict = {
+        "name": table.name,
+        "source": table.source,
+        "rows": len(table.features),
+        "columns": table.features.shape[1],
+    }
+    for rate in MCAR_RATES:
+        entry[f"impute_mcar{int(rate * 100)}"] = imputation(table, rate)
+    entry["anomaly"] = anomaly(table)
+    entry["embed"] = embedding(table)
+    entry["seconds"] = time.perf_counter() - t0
+    log.info("%s done in %.0f s", table.name, entry["seconds"])
+    return entry
+
+
+def _setup_process(sets: list[str], threads: int) -> None:
+    """Logging, warnings, the user's --set values and this process's share of the CPUs."""
+    global THREADS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    USER_SETS[:] = sets
+    THREADS = threads
+    torch.set_num_threads(threads)
+
+
+def measure_tables(tables: list[BenchTable], jobs: int, sets: list[str]) -> list[dict]:
+    """Each table's results, in the tables' order. With jobs > 1 the tables are measured in that
+    many processes at once, the CPUs split between them: a fit on these small tables is bound
+    by per-step overhead, so one thread trains about as fast as two (measured on 2 cores)."""
+    cpus = os.cpu_count() or 1
+    jobs = max(1, min(jobs, len(tables)))
+    if jobs == 1:
+        _setup_process(sets, cpus)
+        return [measure_table(t) for t in tables]
+    _setup_process(sets, max(1, cpus // jobs))
+    biggest_first = sorted(tables, key=lambda t: t.features.size, reverse=True)
+    with ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_setup_process,
+        initargs=(sets, max(1, cpus // jobs)),
+    ) as pool:
+        futures = [pool.submit(measure_table, t) for t in biggest_first]
+        done = {f.result()["name"]: f.result() for f in as_completed(futures)}
+    return [done[t.name] for t in tables]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -352,12 +448,16 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="also log the results as MLflow runs in params.yaml's tracking store (MLFLOW_TRACKING_URI overrides)",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tables measured at once, each in its own process with its share of the CPUs (default: one per CPU)",
+    )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, not {args.jobs}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    torch.set_num_threads(os.cpu_count() or 1)
 
     start = time.perf_counter()
     tables = load_tables(SEED)
@@ -367,24 +467,10 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown table(s) {sorted(unknown)}; choose from {[t.name for t in tables]}")
         tables = [t for t in tables if t.name in wanted]
-    USER_SETS[:] = args.sets
     load_settings(PARAMS, args.sets)  # a bad override fails before any work
-    results: dict = {"seed": SEED, "params": str(PARAMS), "sets": args.sets, "tables": {}}
-    for table in tables:
-        t0 = time.perf_counter()
-        log.info("%s (%s): %d rows x %d columns", table.name, table.source, *table.features.shape)
-        entry: dict = {
-            "source": table.source,
-            "rows": len(table.features),
-            "columns": table.features.shape[1],
-        }
-        for rate in MCAR_RATES:
-            entry[f"impute_mcar{int(rate * 100)}"] = imputation(table, rate)
-        entry["anomaly"] = anomaly(table)
-        entry["embed"] = embedding(table)
-        entry["seconds"] = time.perf_counter() - t0
-        results["tables"][table.name] = entry
-        log.info("%s done in %.0f s", table.name, entry["seconds"])
+    results: dict = {"seed": SEED, "params": str(PARAMS), "sets": args.sets, "jobs": args.jobs, "tables": {}}
+    for entry in measure_tables(tables, args.jobs, args.sets):
+        results["tables"][entry.pop("name")] = entry
     results["seconds"] = time.perf_counter() - start
     text = report(results)
     print(text)

@@ -72,3 +72,31 @@ def test_quality_results_are_logged_as_nested_mlflow_runs(tmp_path):
     assert metrics["impute_mcar20/vaeflow"] == 0.7 and metrics["anomaly/iforest/auroc"] == 0.85
     assert "anomaly/iforest/auprc" not in metrics  # a NaN is left in the JSON, not logged as a number
     assert client.get_run(parent).data.metrics["seconds"] == 12.5
+
+
+def test_paired_knn_scores_both_codings_on_the_same_folds():
+    from benchmarks.quality import paired_knn
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    informative = labels[:, None] + 0.3 * rng.standard_normal((200, 2))
+    noise = rng.standard_normal((200, 2))
+    same = paired_knn(informative, informative.copy(), labels)
+    assert same["vaeflow_knn_acc"] == same["pca_knn_acc"] and same["knn_acc_diff_se"] == 0.0
+    better = paired_knn(informative, noise, labels)
+    assert better["vaeflow_knn_acc"] > 0.9 > 0.7 > better["pca_knn_acc"]
+    assert 0 < better["knn_acc_diff_se"] < 0.05
+
+
+def test_a_loss_within_two_standard_errors_is_reported_as_a_tie_and_nothing_else_is():
+    from benchmarks.quality import _table
+
+    rows = [
+        {"table": "near", "vaeflow": 0.960, "pca": 0.965, "se": 0.004},  # -0.005 within 0.008
+        {"table": "far", "vaeflow": 0.900, "pca": 0.965, "se": 0.004},
+        {"table": "ahead", "vaeflow": 0.970, "pca": 0.965, "se": 0.004},
+    ]
+    lines = {line.split()[0]: line for line in _table("t", rows, ["vaeflow", "pca"], False).splitlines()[2:]}
+    assert lines["near"].endswith("loss (tie: within 2 SE)")
+    assert lines["far"].endswith(" loss") and "tie" not in lines["far"]
+    assert lines["ahead"].endswith(" win")
