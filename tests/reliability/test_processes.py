@@ -142,6 +142,37 @@ def test_a_killed_training_does_not_leave_its_run_running(tmp_path, base_rows, h
     assert not _runs(settings, "RUNNING")
 
 
+def test_a_search_killed_mid_trial_leaves_no_run_running(tmp_path, base_rows):
+    """SIGKILL while a configuration search trains a trial: the training run and its nested
+    trial run are reaped (KILLED) by the next training on this host; nothing stays RUNNING."""
+    params = small_params(
+        tmp_path,
+        data={"source": "base"},
+        train={"max_epochs": 400, "batch_size": 32, "search": {"space": {"model.beta": [1.0, 0.5]}}},
+    )
+    settings = load_settings(params)
+    write_table(parse_ref("base", settings.warehouse_url), [base_rows])
+    proc = _start(*TRAIN_BASE, "--params", str(params))
+    deadline, trial = time.monotonic() + 180, None
+    while trial is None and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        trial = next((r for r in _runs(settings, "RUNNING") if "mlflow.parentRunId" in r.data.tags), None)
+        time.sleep(0.3)
+    assert trial is not None, "no trial run appeared"
+    time.sleep(1.0)  # into the trial's epochs
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    parent = trial.data.tags["mlflow.parentRunId"]
+    assert {r.info.run_id for r in _runs(settings, "RUNNING")} >= {parent, trial.info.run_id}
+
+    code, _, err = cli(*TRAIN_BASE, "--params", str(params), "--set", "train.max_epochs=1")
+    assert code == 0, err[-3000:]
+    client = mlflow.MlflowClient(settings.tracking_uri)
+    assert client.get_run(parent).info.status == "KILLED"
+    assert client.get_run(trial.info.run_id).info.status == "KILLED"
+    assert not _runs(settings, "RUNNING")
+
+
 def test_a_cleanup_that_hangs_after_sigterm_ends_within_the_grace_period(tmp_path):
     """A terminated command whose cleanup never returns still exits 143, leaving its stacks."""
     stuck = (
