@@ -135,8 +135,8 @@ def fit_vae(table: BenchTable, df: pd.DataFrame, *overrides: str) -> ModelBundle
 
 def score(bundle: ModelBundle, df: pd.DataFrame, job: str) -> pd.DataFrame:
     """A batch job's output as `vaeflow score` computes it, with params.yaml's scoring defaults."""
-    cfg = load_settings(PARAMS).score
-    return scoring.score_frame(bundle, df, job, k=cfg.importance_samples, seed=cfg.seed)
+    cfg = load_settings(PARAMS, USER_SETS).score
+    return scoring.score_frame(bundle, df, job, k=scoring.samples_for(cfg, job, len(df)), seed=cfg.seed)
 
 
 # ---------------------------------------------------------------- tasks

@@ -84,6 +84,7 @@ def settings_for(workdir: Path, warehouse: Path, k: int, *extra: str):
             f"warehouse.url=duckdb:///{warehouse}",
             f"score.chunk_size={CHUNK}",
             f"score.importance_samples={k}",
+            f"score.impute_samples={k}",  # the bare network is timed at K=k: so is every job
             "score.progress_bar=false",
             "train.progress_bar=false",
             "train.max_epochs=1",

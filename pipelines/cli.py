@@ -85,9 +85,15 @@ def run(params: Params = None, sets: Sets = None) -> None:
     for r in results:
         _echo(
             f"score {r['job']}",
-            f"{r['rows']} rows -> {r['destination']} ({r['rows'] / max(r['seconds'], 1e-9):.0f} rows/s)",
+            f"{r['rows']} rows -> {r['destination']} ({r['rows'] / max(r['seconds'], 1e-9):.0f} rows/s{_k(r)})",
         )
     typer.echo(f"\nbrowse runs: mlflow ui --backend-store-uri {redact(settings.tracking_uri)}")
+
+
+def _k(result: dict) -> str:
+    """', K=n importance samples per row' for the jobs that draw them."""
+    k = result.get("importance_samples")
+    return f", K={k} importance samples per row" if k else ""
 
 
 @app.command()
@@ -241,7 +247,7 @@ def score(
         dest=dest,
     )
     for r in results:
-        typer.echo(f"{r['job']}: {r['rows']} rows -> {r['destination']} (model v{r['model_version']})")
+        typer.echo(f"{r['job']}: {r['rows']} rows -> {r['destination']} (model v{r['model_version']}{_k(r)})")
 
 
 def _needs_prefect_server(command: str) -> None:

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     create_model,
     field_validator,
@@ -272,7 +273,13 @@ class ScoreConfig(_Section):
         default_factory=lambda: ["impute", "anomaly", "embed", "sample"]
     )
     chunk_size: int = Field(50_000, ge=1)
-    importance_samples: int = Field(16, ge=1, description="K for anomaly scores and imputation")
+    importance_samples: int = Field(
+        16, ge=1, description="K for anomaly scores (the calibrated threshold's K) and imputation's floor"
+    )
+    impute_samples: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="K for imputation; auto: about 2^20 draws over the table, in [importance_samples, 256]",
+    )
     sample_rows: int = Field(1000, ge=1)
     seed: int = 0
     dest_template: str = Field("{source}_{job}", description="output table per job")

@@ -108,6 +108,7 @@ def scored_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "rows_per_second": round(r["rows"] / r["seconds"]) if r["seconds"] > 0 else None,
             "seconds": round(r["seconds"], 2),
             "model_version": r["model_version"],
+            "importance_samples": r.get("importance_samples") or None,
         }
         for r in results
     ]

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.config import Settings
+from pipelines.config import ScoreConfig, Settings
 from pipelines.errors import ConfigError, DataError, VaeflowError
 from pipelines.warehouse import columns, count_rows, iter_frames, parse_ref, same_table, write_table
 from vae_models import jobs
@@ -45,6 +45,26 @@ def score_frame(
         raise ConfigError(str(exc)) from exc
     except jobs.InputError as exc:
         raise DataError(str(exc)) from exc
+
+
+AUTO_IMPUTE_DRAWS = 2**20  # importance draws an auto-sized imputation spends over a whole table
+AUTO_IMPUTE_MAX_K = 256
+
+
+def samples_for(cfg: ScoreConfig, job: str, rows: int | None) -> int:
+    """Importance samples K per row for `job` on a table of `rows` rows: `score.importance_samples`
+    (anomaly scores: the K their calibrated threshold was set at), except imputation, which takes
+    `score.impute_samples`; its `auto` spends about AUTO_IMPUTE_DRAWS draws over the table (a
+    few seconds on a CPU core), up to AUTO_IMPUTE_MAX_K per row on small tables and never fewer
+    than `importance_samples`: measured on the benchmark tables, imputation RMSE falls 1-3% from
+    K=16 to 256, while a table of millions of rows keeps the cheap K."""
+    if job != "impute":
+        return cfg.importance_samples
+    if cfg.impute_samples != "auto":
+        return cfg.impute_samples
+    if not rows:
+        return cfg.importance_samples
+    return max(cfg.importance_samples, min(AUTO_IMPUTE_MAX_K, AUTO_IMPUTE_DRAWS // rows))
 
 
 def _require_columns(bundle: ModelBundle, df: pd.DataFrame, where: object = None) -> None:
@@ -100,6 +120,7 @@ class JobResult:
     seconds: float
     model_version: str
     run_id: str
+    importance_samples: int = 0  # K per row (impute, anomaly); 0 for embed and sample
 
     @property
     def rows_per_second(self) -> float:
@@ -111,19 +132,21 @@ def _scored(
     job: str,
     frames: Iterable[pd.DataFrame],
     settings: Settings,
+    k: int,
     first_chunk: int = 0,
     workers: int | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """Score a stream of chunks, `workers` (default `score.concurrent_chunks`) at a time, in
-    order; chunk i of the table is seeded with `score.seed + i`, so a partition starting at chunk
-    `first_chunk` (and any number of concurrent chunks) reproduces the single-process result."""
+    """Score a stream of chunks with `k` importance samples per row, `workers` (default
+    `score.concurrent_chunks`) at a time, in order; chunk i of the table is seeded with
+    `score.seed + i`, so a partition starting at chunk `first_chunk` (and any number of
+    concurrent chunks) reproduces the single-process result."""
     cfg = settings.score
 
     def score(item: tuple[int, pd.DataFrame]) -> pd.DataFrame | pa.Table:
         i, frame = item
         if job == "embed":
             return embed_arrow(bundle, frame)
-        return score_frame(bundle, frame, job, k=cfg.importance_samples, seed=cfg.seed + first_chunk + i)
+        return score_frame(bundle, frame, job, k=k, seed=cfg.seed + first_chunk + i)
 
     workers = workers or cfg.concurrent_chunks
     if workers == 1:
@@ -237,6 +260,7 @@ class Partition:
     limit: int
     first_chunk: int  # the table-wide index of its first chunk (offsets are whole chunks)
     path: str
+    table_rows: int  # rows of the whole source (the job's K follows from them)
 
 
 def plan_partitions(n_rows: int, settings: Settings, scratch: Path) -> list[Partition]:
@@ -245,7 +269,12 @@ def plan_partitions(n_rows: int, settings: Settings, scratch: Path) -> list[Part
     per = max(1, -(-settings.score.dask.partition_rows // chunk)) * chunk
     return [
         Partition(
-            i, offset, min(per, n_rows - offset), offset // chunk, str(scratch / f"part-{i:05d}.parquet")
+            i,
+            offset,
+            min(per, n_rows - offset),
+            offset // chunk,
+            str(scratch / f"part-{i:05d}.parquet"),
+            n_rows,
         )
         for i, offset in enumerate(range(0, n_rows, per))
     ]
@@ -261,7 +290,15 @@ def score_partition(bundle: ModelBundle, job: str, source: str, part: Partition,
     )
     return write_table(
         parse_ref(part.path, settings.warehouse_url),
-        _scored(bundle, job, frames, settings, part.first_chunk, workers=1),  # a worker per core
+        _scored(
+            bundle,
+            job,
+            frames,
+            settings,
+            samples_for(settings.score, job, part.table_rows),
+            part.first_chunk,
+            workers=1,  # a worker per core
+        ),
     )
 
 
@@ -315,6 +352,7 @@ def run_job(
     threads = duckdb_threads(bundle.vae)
     compress_floats = job != "embed"  # embeddings: no float codec shrinks them
     start = time.perf_counter()
+    k = 0  # importance samples per row, reported with the result
     if job == "sample":
         with contextlib.closing(
             _progress(_samples(bundle, settings), job, cfg.sample_rows, cfg.progress_bar)
@@ -322,14 +360,17 @@ def run_job(
             rows = write_table(dst, samples, tags, threads=threads)
     else:
         _require_columns(bundle, pd.DataFrame(columns=columns(src)), src)  # before anything is written
-        # a CSV is counted only when it must be cut into partitions (counting is a full pass)
-        total = count_rows(src) if run_partitions is not None or src.kind != "csv" else None
+        # a CSV is counted only when it must be cut into partitions or its size sets K (counting
+        # is a full pass): the same rows score alike whatever they are stored in
+        sized = job == "impute" and cfg.impute_samples == "auto"
+        total = count_rows(src) if run_partitions is not None or src.kind != "csv" or sized else None
         if total == 0:
             raise DataError(f"{src} has no rows to score")
+        k = samples_for(cfg, job, total) if job != "embed" else 0
         if run_partitions is None:
             # read ahead in one thread, score in `concurrent_chunks` threads, write in this one
             frames = _not_empty(prefetch(iter_frames(src, cfg.chunk_size, threads=threads)), src)
-            chunks = _scored(bundle, job, frames, settings)
+            chunks = _scored(bundle, job, frames, settings, k)
             with contextlib.closing(_progress(chunks, job, total, cfg.progress_bar)) as scored:
                 rows = write_table(
                     dst, scored, tags, threads=threads, compress_floats=compress_floats, key=bundle.schema.key
@@ -352,6 +393,14 @@ def run_job(
                         key=bundle.schema.key,
                     )
     seconds = time.perf_counter() - start
-    result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id)
-    log.info("%s: %d rows -> %s in %.1fs (%.0f rows/s)", job, rows, dst, seconds, result.rows_per_second)
+    result = JobResult(job, str(dst), rows, seconds, str(model_version), run_id, k)
+    log.info(
+        "%s: %d rows -> %s in %.1fs (%.0f rows/s%s)",
+        job,
+        rows,
+        dst,
+        seconds,
+        result.rows_per_second,
+        f", K={k} importance samples per row" if k else "",
+    )
     return result

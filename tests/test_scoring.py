@@ -11,10 +11,10 @@ import torch
 
 from pipelines.config import load_settings
 from pipelines.errors import ConfigError, VaeflowError
-from pipelines.scoring import ordered_map, run_job, scoring_device
+from pipelines.scoring import ordered_map, run_job, samples_for, scoring_device
 from pipelines.warehouse import duckdb as warehouse_duckdb
 from pipelines.warehouse import parse_ref, read_frame, write_table
-from tests.conftest import small_params
+from tests.conftest import REPO, small_params
 from tests.helpers import linear_table, train_small
 from vae_models.bundle import ModelBundle
 
@@ -126,3 +126,42 @@ def test_only_embed_writes_its_floats_uncompressed(bundle, warehouse, monkeypatc
     run_job(bundle, "embed", "t", "codes", warehouse, model_version="7", run_id="abc")
     run_job(bundle, "anomaly", "t", "scores", warehouse, model_version="7", run_id="abc")
     assert asked == [False, True]
+
+
+def test_auto_impute_samples_follow_the_table_size(tmp_path):
+    """auto: ~2^20 draws over the table within [importance_samples, 256]; anomaly keeps the K its
+    threshold was calibrated at; a number the user sets is used as it is."""
+    cfg = load_settings(REPO / "params.yaml").score
+    assert (cfg.impute_samples, cfg.importance_samples) == ("auto", 16)
+    assert [samples_for(cfg, "impute", n) for n in (1, 569, 4096, 20_000, 65_536, 10_000_000)] == [
+        256, 256, 256, 52, 16, 16
+    ]  # fmt: skip
+    assert samples_for(cfg, "impute", None) == 16  # size unknown: the floor
+    assert samples_for(cfg, "anomaly", 569) == 16
+    assert samples_for(cfg.model_copy(update={"importance_samples": 400}), "impute", 569) == 400
+    assert samples_for(cfg.model_copy(update={"impute_samples": 7}), "impute", 569) == 7
+
+
+def test_a_table_imputes_alike_from_duckdb_parquet_and_csv_with_the_k_its_size_sets(
+    bundle, warehouse, tmp_path
+):
+    """The K follows the table's rows whatever stores them (a CSV is counted first), reaches the
+    scorer (a fixed K gives other draws) and comes back with the result."""
+    settings = warehouse
+    df = read_frame(parse_ref("t", settings.warehouse_url))
+    df.to_parquet(tmp_path / "t.parquet")
+    df.to_csv(tmp_path / "t.csv", index=False)
+    outs = {}
+    for source in ("t", str(tmp_path / "t.parquet"), str(tmp_path / "t.csv")):
+        result = run_job(bundle, "impute", source, "imp", settings, model_version="7", run_id="abc")
+        assert result.importance_samples == 256  # 2,300 rows: 2^20 / 2,300 > 256
+        outs[source] = read_frame(parse_ref("imp", settings.warehouse_url))["x2"].to_numpy()
+    assert df["x2"].isna().sum() > 300
+    first = outs["t"]
+    assert all(np.allclose(o, first, rtol=0, atol=1e-6) for o in outs.values()), outs
+    fixed = settings.model_copy(update={"score": settings.score.model_copy(update={"impute_samples": 4})})
+    result = run_job(bundle, "impute", "t", "imp4", fixed, model_version="7", run_id="abc")
+    assert result.importance_samples == 4
+    assert not np.allclose(read_frame(parse_ref("imp4", settings.warehouse_url))["x2"], first, atol=1e-6)
+    embedded = run_job(bundle, "embed", "t", "emb", settings, model_version="7", run_id="abc")
+    assert embedded.importance_samples == 0

@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.config import load_settings
+from pipelines.scoring import samples_for
 from tests.reliability.conftest import MODEL, assert_one_error, cli, files_state, score_args
 
 
@@ -153,10 +155,12 @@ def test_values_at_the_edge_of_float64_train_and_score_to_finite_flagged_scores(
         assert scores["anomaly_score"].rank(ascending=False).loc[flagged].max() <= 10
     for model in (MODEL, "models:/odd_vae@champion"):  # odd_vae's ranges reach beyond float32
         dest = tmp_path / "imp.csv"
-        code, _, err = cli(
+        code, out, err = cli(
             "score", "impute", "--model", model, "--source", str(src), "--dest", str(dest), "--params", trained["params"]
         )  # fmt: skip
         assert code == 0, err[-3000:]
+        k = samples_for(load_settings(trained["params"]).score, "impute", len(odd))
+        assert k > 16 and out.strip().splitlines()[-1].endswith(f"K={k} importance samples per row)"), out
         imputed = pd.read_csv(dest)
         assert imputed.loc[[5, 50], "dep_delay"].tolist() == [1e308, 1e308]  # observed cells are kept
         assert (
