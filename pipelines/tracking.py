@@ -253,7 +253,8 @@ def version_description(
         f"Data: snapshot `{snapshot.name}` of {redact(manifest.get('source', '?'))} "
         f"({int(metrics.get('eval_rows', 0))} evaluation rows), snapshot md5 {data_md5[:12]}.",
         f"Training: {int(result.best.get('step', 0))} of {result.budget.max_steps} steps kept "
-        f"(batch {result.budget.batch_size}, selected on {result.monitor}).",
+        f"(batch {result.budget.batch_size}, {result.module.vae.train_k} sample(s) per row, "
+        f"selected on {result.monitor}).",
         f"Validation: {'passed' if report.success else 'FAILED'} ({len(report.outcomes)} expectations).",
         "Evaluation: "
         + ", ".join(
@@ -367,6 +368,7 @@ def _train_in_run(
                 **model_params(settings),
                 "train.batch_size_used": budget.batch_size,
                 "train.max_steps_used": budget.max_steps,
+                "model.n_importance_used": result.module.vae.train_k,
                 "search.trials": len(found.trials),
             }
         )

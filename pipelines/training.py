@@ -26,7 +26,7 @@ from pipelines.config import Settings
 from pipelines.ingest import Snapshot
 from vae_models import inference
 from vae_models.bundle import ModelBundle
-from vae_models.data import Budget, hold_out_cells, plan_budget, table_loader
+from vae_models.data import Budget, hold_out_cells, plan_budget, table_loader, training_samples
 from vae_models.module import VAEModule
 from vae_models.schema import EncodedTable, TableSchema
 from vae_models.vae import TableBatch, TabularVAE
@@ -212,7 +212,8 @@ def fit(
     monitor = cfg.monitor if held.cells or cfg.monitor == "val_loss" else "val_loss"
     if monitor != cfg.monitor:
         log.info("no cell could be held out (one modelled cell per row): monitoring val_loss")
-    config = settings.model.model_copy(update={"num_logvar_min": schema.logvar_floors()})
+    k = training_samples(budget, settings.model.n_importance, settings.model.architecture)
+    config = settings.model.model_copy(update={"num_logvar_min": schema.logvar_floors(), "n_importance": k})
     module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump(), heldout_k=cfg.heldout_k)
     ckpt_dir = checkpoint_dir or settings.path(cfg.checkpoint_dir)
     history = ValidationHistory(
@@ -228,11 +229,12 @@ def fit(
         dirpath=ckpt_dir, filename="best", monitor=monitor, save_last=True, save_on_train_epoch_end=False
     )
     log.info(
-        "training on %d rows: batch %d, up to %d steps (%d per epoch), validating every %d",
+        "training on %d rows: batch %d, up to %d steps (%d per epoch), %d sample(s) per row, validating every %d",
         len(train_df),
         budget.batch_size,
         budget.max_steps,
         budget.steps_per_epoch,
+        k,
         budget.val_every,
     )
     trainer = L.Trainer(

@@ -16,7 +16,7 @@ from torch import nn
 
 from vae_models import VAEConfig, infer_schema, inference
 from vae_models.bundle import ModelBundle, load_bundle, save_bundle
-from vae_models.data import hold_out_cells, plan_budget
+from vae_models.data import hold_out_cells, plan_budget, training_samples
 from vae_models.schema import ColumnSpec, TableSchema
 from vae_models.vae import TableBatch, TabularVAE
 
@@ -217,6 +217,33 @@ def test_step_budget_settings_override_the_rule():
     assert plan_budget(569, max_epochs=2).max_steps == 2 * 18
     fixed = plan_budget(569, batch_size=100, max_steps=77)
     assert (fixed.batch_size, fixed.max_steps, fixed.steps_per_epoch) == (100, 77, 6)
+
+
+@pytest.mark.parametrize(
+    ("rows", "architecture", "k"),
+    [
+        (569, "mlp", 8),
+        (20_000, "mlp", 8),
+        (1_000_000, "mlp", 4),
+        (8_000_000, "mlp", 2),
+        (16_000_000, "mlp", 1),
+        (569, "conv", 1),
+    ],
+)
+def test_auto_training_samples_follow_the_draw_budget(rows, architecture, k):
+    """auto: the most K <= 8 with steps x batch x K within 2^24 draws; conv keeps the ELBO."""
+    budget = plan_budget(rows)
+    assert training_samples(budget, "auto", architecture) == k
+    assert training_samples(budget, 3, architecture) == 3  # a K the user sets is used as it is
+
+
+def test_a_network_built_without_a_budget_trains_the_elbo():
+    assert VAEConfig().n_importance == 1
+    vae = TabularVAE(2, [], VAEConfig(latent_dim=2, hidden_dims=[4], n_importance="auto"))
+    assert vae.train_k == 1
+    assert TabularVAE(2, [], VAEConfig(latent_dim=2, hidden_dims=[4], n_importance=5)).train_k == 5
+    with pytest.raises(ValueError):
+        VAEConfig(n_importance=0)
 
 
 def test_a_bundle_written_before_the_skip_path_loads_unchanged(tmp_path):

@@ -69,6 +69,7 @@ def test_mlflow_run_has_params_epoch_metrics_and_artifacts(pipeline_run):
     # params: what shapes the model; paths, servers and progress bars go to config/settings.json
     params = run.data.params
     assert len(params) < 50 and "train.batch_size_used" in params
+    assert (params["model.n_importance"], params["model.n_importance_used"]) == ("1", "1")  # the ELBO
     for noise in ("train.checkpoint_dir", "train.progress_bar", "mlflow.tracking_uri", "score.chunk_size"):
         assert noise not in params
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # mlflow.data.context

@@ -51,6 +51,21 @@ def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights):
     assert [int(r["epoch"]) for r in fresh.history] == [0, 1, 2, 3]
 
 
+def test_an_auto_importance_weighted_fit_trains_and_keeps_the_k_its_budget_sets(tmp_path, flights):
+    """model.n_importance=auto: 2 epochs of 10 batches of 256 rows are far within the draw
+    budget, so the fit trains the MIWAE bound at the cap (8), and the saved model keeps that K."""
+    from vae_models.bundle import ModelBundle, load_bundle, save_bundle
+
+    settings = load_settings(small_params(tmp_path, model={"n_importance": "auto"}))
+    train_df, val_df = flights.iloc[:2400], flights.iloc[2400:]
+    schema = infer_schema(train_df, key="rownames")
+    result = training.fit(train_df, val_df, schema, settings, checkpoint_dir=tmp_path / "ckpt")
+    assert result.module.vae.config.n_importance == 8 and result.module.vae.train_k == 8
+    path = save_bundle(ModelBundle(vae=result.module.vae, schema=result.schema), tmp_path / "model")
+    assert load_bundle(path).vae.train_k == 8
+    assert all(r["val_loss"] == r["val_loss"] for r in result.history)  # finite, not NaN
+
+
 def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path, flights):
     """Lightning DDP (ddp_spawn, 2 CPU processes, gloo): one model, metrics logged by rank 0 only."""
 

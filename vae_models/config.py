@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
 class VAEConfig(BaseModel):
@@ -21,8 +21,11 @@ class VAEConfig(BaseModel):
     conv_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     beta: float = Field(1.0, gt=0.0, description="weight of the KL term (beta-VAE)")
-    n_importance: int = Field(
-        1, ge=1, description="K samples per row in training; K>1 trains the IWAE/MIWAE bound"
+    n_importance: PositiveInt | Literal["auto"] = Field(
+        1,
+        description="K samples per row in training; K>1 trains the IWAE/MIWAE bound (better imputation, "
+        "worse anomaly ranking); auto: K from the fit's budget (vae_models.data.training_samples), 1 for "
+        "a network built without one",
     )
     kl_warmup: float = Field(
         0.1, ge=0.0, lt=1.0, description="share of the training steps over which the KL weight ramps to beta"

@@ -104,6 +104,13 @@ class TabularVAE(nn.Module):
         self.register_buffer("num_logvar_low", torch.tensor(low, dtype=torch.float32), persistent=False)
 
     @property
+    def train_k(self) -> int:
+        """Samples per row of the training bound: `n_importance`, resolved from the budget by a
+        fit (`data.training_samples`); a network built without one (`auto`) trains the ELBO."""
+        k = self.config.n_importance
+        return 1 if k == "auto" else k
+
+    @property
     def n_cells(self) -> int:
         return self.n_num + len(self.cat_sizes)
 
@@ -180,7 +187,7 @@ class TabularVAE(nn.Module):
         self, batch: TableBatch, kl_weight: float = 1.0, k: int | None = None, hide: float = 0.0
     ) -> LossOutput:
         """Negative (beta-weighted) ELBO for K=1, negative IWAE bound for K>1."""
-        k = k or self.config.n_importance
+        k = k or self.train_k
         post = self.inference(batch, hide)
         kl = kl_to_standard_normal(post.mu, post.logvar)
         z = self.sample_posterior(post, k)
