@@ -57,7 +57,9 @@ def samples_for(cfg: ScoreConfig, job: str, rows: int | None) -> int:
     `score.impute_samples`; its `auto` spends about AUTO_IMPUTE_DRAWS draws over the table (a
     few seconds on a CPU core), up to AUTO_IMPUTE_MAX_K per row on small tables and never fewer
     than `importance_samples`: measured on the benchmark tables, imputation RMSE falls 1-3% from
-    K=16 to 256, while a table of millions of rows keeps the cheap K."""
+    K=16 to 256, while a table of millions of rows keeps the cheap K. Embed and sample draw none: 0."""
+    if job in ("embed", "sample"):
+        return 0
     if job != "impute":
         return cfg.importance_samples
     if cfg.impute_samples != "auto":
@@ -366,7 +368,7 @@ def run_job(
         total = count_rows(src) if run_partitions is not None or src.kind != "csv" or sized else None
         if total == 0:
             raise DataError(f"{src} has no rows to score")
-        k = samples_for(cfg, job, total) if job != "embed" else 0
+        k = samples_for(cfg, job, total)
         if run_partitions is None:
             # read ahead in one thread, score in `concurrent_chunks` threads, write in this one
             frames = _not_empty(prefetch(iter_frames(src, cfg.chunk_size, threads=threads)), src)

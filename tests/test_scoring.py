@@ -138,6 +138,7 @@ def test_auto_impute_samples_follow_the_table_size(tmp_path):
     ]  # fmt: skip
     assert samples_for(cfg, "impute", None) == 16  # size unknown: the floor
     assert samples_for(cfg, "anomaly", 569) == 16
+    assert samples_for(cfg, "embed", 569) == samples_for(cfg, "sample", None) == 0  # no draws
     assert samples_for(cfg.model_copy(update={"importance_samples": 400}), "impute", 569) == 400
     assert samples_for(cfg.model_copy(update={"impute_samples": 7}), "impute", 569) == 7
 
