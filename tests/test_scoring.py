@@ -166,3 +166,37 @@ def test_a_table_imputes_alike_from_duckdb_parquet_and_csv_with_the_k_its_size_s
     assert not np.allclose(read_frame(parse_ref("imp4", settings.warehouse_url))["x2"], first, atol=1e-6)
     embedded = run_job(bundle, "embed", "t", "emb", settings, model_version="7", run_id="abc")
     assert embedded.importance_samples == 0
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "header only", "ragged row", "word in numeric"])
+def test_a_damaged_csv_counted_for_imputation_fails_as_it_does_uncounted_and_keeps_the_output(
+    bundle, warehouse, tmp_path, damage
+):
+    """`impute` counts a CSV before scoring (its K follows the rows), `anomaly` does not: the
+    same damaged file gets the same one error from both, and the existing output stays byte-identical."""
+    good = linear_table(50).to_csv(index=False).encode()
+    data = {
+        "zero bytes": b"",
+        "header only": good.splitlines(keepends=True)[0],
+        "ragged row": good + b"1,2,3,4,5,6,7,8,9\n",
+        "word in numeric": good.replace(b"\n1", b"\nabc", 1),
+    }[damage]
+    src, dest = tmp_path / "src.csv", tmp_path / "out.parquet"
+    src.write_bytes(data)
+    linear_table(20).to_parquet(dest)
+    before = dest.read_bytes()
+    errors = []
+    for job in ("impute", "anomaly"):
+        with pytest.raises(VaeflowError) as info:
+            run_job(bundle, job, str(src), str(dest), warehouse, model_version="7", run_id="abc")
+        errors.append(str(info.value))
+    assert errors[0] == errors[1], errors
+    expected = {
+        "zero bytes": "src.csv is empty",
+        "header only": "src.csv has no rows to score",
+        "ragged row": "src.csv is not a readable CSV",
+        "word in numeric": "column 'x1' is numeric but holds the non-numeric value 'abc",
+    }[damage]
+    assert expected in errors[0], errors[0]
+    assert dest.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir() if x.name.startswith("out")) == ["out.parquet"]
