@@ -184,8 +184,25 @@ class SearchConfig(_Section):
         return space
 
 
+PRESET_SECTIONS = ("model.", "train.")  # what a preset may set: the sections the train stage reads
+DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
+    # an imputation model: the MIWAE bound and three times the steps, longer patience
+    "impute": {"model.n_importance": "auto", "train.min_steps": 12000, "train.patience": 20},
+}
+
+
 class TrainConfig(_Section):
     """How long and on what a fit trains; the budget rule is `vae_models.data.plan_budget`."""
+
+    preset: str | None = Field(
+        None,
+        description="a name in train.presets: its model.* / train.* values replace params.yaml's "
+        "(a --set of the same key still wins); null: none",
+    )
+    presets: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PRESETS.items()},
+        description="named sets of model.* / train.* settings (dotted keys) for train.preset",
+    )
 
     batch_size: int | Literal["auto"] = Field(
         "auto", description="auto: rows/32 as a power of two in [32, 1024]"
@@ -222,6 +239,27 @@ class TrainConfig(_Section):
     model_dir: str = "data/models"
     progress_bar: bool = True
     search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @field_validator("presets")
+    @classmethod
+    def _preset_keys(cls, presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, values in presets.items():
+            for key in values:
+                if not key.startswith(PRESET_SECTIONS) or key.startswith("train.preset"):
+                    raise ValueError(
+                        f"preset {name!r}: {key!r} is not a model.* or train.* setting "
+                        "(a preset sets what the train stage reads, and not train.preset itself)"
+                    )
+        return presets
+
+    @model_validator(mode="after")
+    def _known_preset(self) -> Self:
+        if self.preset is not None and self.preset not in self.presets:
+            raise ValueError(
+                f"train.preset {self.preset!r} is not one of train.presets {sorted(self.presets)}; "
+                "define it under train.presets in params.yaml, or use null"
+            )
+        return self
 
 
 class EvaluationConfig(_Section):
@@ -471,6 +509,27 @@ def settings_view(name: str, *sections: str, module: str | None = None) -> type[
     return view
 
 
+def _apply_preset(data: dict[str, Any], given: list[str]) -> str:
+    """Write train.preset's values into `data` (params.yaml and overrides, not yet validated),
+    except where `given` (the --set and environment keys) names the key or a section above it.
+    Returns what it set, for error messages ("" when nothing)."""
+    train = data.get("train")
+    if not isinstance(train, dict) or train.get("preset") is None:
+        return ""
+    name = train["preset"]
+    presets = train.get("presets", DEFAULT_PRESETS)
+    if not isinstance(presets, dict) or not isinstance(name, str) or not isinstance(presets.get(name), dict):
+        return ""  # validation names the problem (unknown preset, malformed presets)
+    applied = []
+    for key, value in presets[name].items():
+        if not isinstance(key, str) or not key.startswith(PRESET_SECTIONS) or key.startswith("train.preset"):
+            continue  # validation names it
+        if not any(key == g or key.startswith(g + ".") for g in given):
+            _apply(data, key.split("."), value, f"train.presets.{name}.{key}")
+            applied.append(f"{key}={value}")
+    return f"; train.preset {name!r} set {', '.join(applied)}" if applied else ""
+
+
 def load_settings(params: str | Path | None = None, overrides: list[str] | None = None) -> Settings:
     """Load params.yaml (or defaults when it is absent), apply overrides, validate once."""
     path = Path(params or os.environ.get("VAEFLOW_PARAMS") or DEFAULT_PARAMS)
@@ -487,9 +546,12 @@ def load_settings(params: str | Path | None = None, overrides: list[str] | None 
     for env, parts in ENV_OVERRIDES.items():  # precedence: --set > environment > params.yaml
         if os.environ.get(env):
             _apply(data, parts, os.environ[env], env)
+    given = [".".join(parts) for env, parts in ENV_OVERRIDES.items() if os.environ.get(env)]
     for text in overrides or []:
         parts, value = parse_override(text)
         _apply(data, parts, value, text)
+        given.append(".".join(parts))
+    preset = _apply_preset(data, given)
     data["root"] = path.resolve().parent
     try:
         return Settings.model_validate(data)
@@ -498,4 +560,6 @@ def load_settings(params: str | Path | None = None, overrides: list[str] | None 
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
             for err in exc.errors()
         )
-        raise ConfigError(f"invalid configuration ({path}, overrides {overrides or []}): {problems}") from exc
+        raise ConfigError(
+            f"invalid configuration ({path}, overrides {overrides or []}{preset}): {problems}"
+        ) from exc

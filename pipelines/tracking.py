@@ -181,6 +181,7 @@ def job_outputs(bundle: ModelBundle) -> dict[str, str]:
 # config/settings.json, which holds exactly what the stage reads)
 MODEL_PARAMS = (
     "model.",
+    "train.preset",  # its values are logged as the model.* / train.* params they set
     "train.batch_size",
     "train.max_steps",
     "train.min_steps",
@@ -207,7 +208,11 @@ def model_params(settings: Settings) -> dict[str, Any]:
     """The run's params: the settings that change the model or its evaluation (not paths,
     servers or progress bars)."""
     flat = _flatten(settings.model_dump(mode="json", by_alias=True))
-    return {k: v for k, v in flat.items() if k.startswith(MODEL_PARAMS)}
+    return {
+        k: v
+        for k, v in flat.items()
+        if k.startswith(MODEL_PARAMS) and k.split(".")[:2] != ["train", "presets"]
+    }
 
 
 def best_metrics(result: training.FitResult) -> dict[str, float]:

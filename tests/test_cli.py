@@ -158,6 +158,10 @@ def _bad_cases(tmp_path):
             ["train", "--source", "x.csv", "--set", "model.n_importance=lots"],
             "model.n_importance",
         ),
+        "unknown preset": (
+            ["train", "--source", "x.csv", "--set", "train.preset=imputation"],
+            "train.preset 'imputation' is not one of train.presets ['impute']",
+        ),
         "bad key": (
             ["train", "--source", _bad_csv(tmp_path, "ok.csv", _table()), "--key", "nokey"],
             "key column 'nokey'",
@@ -193,6 +197,7 @@ def _bad_cases(tmp_path):
         "bad set",
         "bad impute samples",
         "bad training samples",
+        "unknown preset",
         "bad key",
         "injection",
         "unknown model",

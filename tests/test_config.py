@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pipelines.config import load_settings, parse_override
@@ -45,3 +47,54 @@ def test_parse_override():
 def test_environment_overrides_tracking_uri(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert load_settings("params.yaml").tracking_uri == "http://127.0.0.1:5999"
+
+
+def test_a_preset_sets_its_values_and_a_set_of_the_same_key_still_wins():
+    plain = load_settings("params.yaml")
+    assert (plain.model.n_importance, plain.train.min_steps, plain.train.patience) == (1, 4000, 10)
+    impute = load_settings("params.yaml", ["train.preset=impute"])
+    assert (impute.model.n_importance, impute.train.min_steps, impute.train.patience) == ("auto", 12000, 20)
+    mine = load_settings("params.yaml", ["train.preset=impute", "train.min_steps=500"])
+    assert (mine.model.n_importance, mine.train.min_steps, mine.train.patience) == ("auto", 500, 20)
+    # a --set given before the preset is named wins too; so does a whole section set above the key
+    first = load_settings("params.yaml", ["model.n_importance=3", "train.preset=impute"])
+    assert first.model.n_importance == 3 and first.train.min_steps == 12000
+    section = load_settings("params.yaml", ["train.preset=impute", "model={latent_dim: 4}"])
+    assert (section.model.latent_dim, section.model.n_importance, section.train.min_steps) == (4, 1, 12000)
+
+
+def test_a_preset_named_in_params_yaml_applies_and_null_turns_it_off(tmp_path):
+    text = Path("params.yaml").read_text().replace("  preset: null", "  preset: impute")
+    assert "preset: impute" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_settings(tmp_path / "params.yaml").train.min_steps == 12000
+    off = load_settings(tmp_path / "params.yaml", ["train.preset=null"])
+    assert (off.model.n_importance, off.train.min_steps) == (1, 4000)
+
+
+def test_the_run_logs_the_preset_and_the_values_it_set_not_the_preset_table():
+    from pipelines.tracking import model_params
+
+    params = model_params(load_settings("params.yaml", ["train.preset=impute"]))
+    assert params["train.preset"] == "impute" and params["model.n_importance"] == "auto"
+    assert params["train.min_steps"] == 12000
+    assert not [k for k in params if k.startswith("train.presets")]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["train.preset=imputation"], "train.preset 'imputation' is not one of train.presets ['impute']"),
+        (["train.presets.x={score.jobs: [embed]}"], "preset 'x': 'score.jobs' is not a model.* or train.*"),
+        (["train.presets.x={train.preset: x}"], "preset 'x': 'train.preset' is not a model.* or train.*"),
+        (
+            ["train.preset=x", "train.presets.x={model.nope: 3}"],
+            "train.preset 'x' set model.nope=3): model.nope: Extra inputs",
+        ),
+        (["train.preset=x", "train.presets.x={model.latent_dim: 0}"], "model.latent_dim"),
+    ],
+)
+def test_a_bad_preset_is_one_config_error_that_names_it(sets, message):
+    with pytest.raises(ConfigError) as err:
+        load_settings("params.yaml", sets)
+    assert message in str(err.value)
