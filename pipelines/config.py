@@ -6,6 +6,7 @@ the CLI, the Prefect flows and `dvc repro` see the same files wherever they star
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import warnings
@@ -28,6 +29,7 @@ from pipelines import credentials
 from pipelines.errors import ConfigError
 from pipelines.names import MODEL_NAME, MODEL_NAME_RULE
 from vae_models.config import VAEConfig
+from vae_models.data import DEFAULT_MIN_STEPS
 
 DEFAULT_PARAMS = "params.yaml"
 JOBS = ("impute", "anomaly", "embed", "sample")
@@ -210,7 +212,7 @@ class TrainConfig(_Section):
     max_steps: int | Literal["auto"] = Field(
         "auto", description="optimisation steps; auto: min_steps or one pass, whichever is longer"
     )
-    min_steps: int = Field(4000, ge=1, description="the auto step budget's floor")
+    min_steps: int = Field(DEFAULT_MIN_STEPS, ge=1, description="the auto step budget's floor")
     max_epochs: int | None = Field(
         None, ge=1, description="cap on passes over the data (none: the step budget)"
     )
@@ -248,7 +250,8 @@ class TrainConfig(_Section):
                 if not key.startswith(PRESET_SECTIONS) or key.startswith("train.preset"):
                     raise ValueError(
                         f"preset {name!r}: {key!r} is not a model.* or train.* setting "
-                        "(a preset sets what the train stage reads, and not train.preset itself)"
+                        "(a preset sets what the train stage reads, and not train.preset itself); "
+                        f"its keys are dotted paths: train.presets.{name}={{train.min_steps: 500, ...}}"
                     )
         return presets
 
@@ -509,11 +512,12 @@ def settings_view(name: str, *sections: str, module: str | None = None) -> type[
     return view
 
 
-def _apply_preset(data: dict[str, Any], given: list[str]) -> str:
-    """Write train.preset's values into `data` (params.yaml and overrides, not yet validated),
-    except where `given` (the --set and environment keys) names the key or a section above it.
-    Returns what it set, for error messages ("" when nothing)."""
-    train = data.get("train")
+def _apply_preset(data: dict[str, Any], named: dict[str, Any]) -> str:
+    """Write into `data` (params.yaml and the environment, not yet validated) the values of the
+    preset that `named` (the same with the --set overrides applied) names in train.preset; the
+    overrides go on top afterwards, so a --set of the same key, a section above it or a key
+    below it wins. Returns what it set, for error messages ("" when nothing)."""
+    train = named.get("train")
     if not isinstance(train, dict) or train.get("preset") is None:
         return ""
     name = train["preset"]
@@ -522,9 +526,7 @@ def _apply_preset(data: dict[str, Any], given: list[str]) -> str:
         return ""  # validation names the problem (unknown preset, malformed presets)
     applied = []
     for key, value in presets[name].items():
-        if not isinstance(key, str) or not key.startswith(PRESET_SECTIONS) or key.startswith("train.preset"):
-            continue  # validation names it
-        if not any(key == g or key.startswith(g + ".") for g in given):
+        if isinstance(key, str) and key.startswith(PRESET_SECTIONS) and not key.startswith("train.preset"):
             _apply(data, key.split("."), value, f"train.presets.{name}.{key}")
             applied.append(f"{key}={value}")
     return f"; train.preset {name!r} set {', '.join(applied)}" if applied else ""
@@ -543,15 +545,16 @@ def load_settings(params: str | Path | None = None, overrides: list[str] | None 
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     elif params is not None:
         raise ConfigError(f"params file {path} does not exist")
-    for env, parts in ENV_OVERRIDES.items():  # precedence: --set > environment > params.yaml
+    for env, parts in ENV_OVERRIDES.items():
         if os.environ.get(env):
             _apply(data, parts, os.environ[env], env)
-    given = [".".join(parts) for env, parts in ENV_OVERRIDES.items() if os.environ.get(env)]
-    for text in overrides or []:
-        parts, value = parse_override(text)
+    sets = [(parse_override(text), text) for text in overrides or []]
+    named = copy.deepcopy(data)  # which preset: params.yaml's train.preset or a --set of it
+    for (parts, value), text in sets:
+        _apply(named, parts, value, text)
+    preset = _apply_preset(data, named)  # precedence: --set > environment > preset > params.yaml
+    for (parts, value), text in sets:
         _apply(data, parts, value, text)
-        given.append(".".join(parts))
-    preset = _apply_preset(data, given)
     data["root"] = path.resolve().parent
     try:
         return Settings.model_validate(data)

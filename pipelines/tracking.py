@@ -98,8 +98,10 @@ def snapshot_md5(path: Path) -> str:
 
 
 def params_hash(settings: Settings) -> str:
-    """sha256 of the validated configuration (what was trained, not how the file was written)."""
-    text = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True)
+    """sha256 of the validated configuration (what was trained, not how the file was written:
+    a preset's values are in the sections it set, so train.preset and train.presets are left out)."""
+    dump = settings.model_dump(mode="json", by_alias=True, exclude={"train": {"preset", "presets"}})
+    text = json.dumps(dump, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -49,7 +49,7 @@ def test_environment_overrides_tracking_uri(monkeypatch):
     assert load_settings("params.yaml").tracking_uri == "http://127.0.0.1:5999"
 
 
-def test_a_preset_sets_its_values_and_a_set_of_the_same_key_still_wins():
+def test_a_preset_sets_its_values_and_every_set_still_wins():
     plain = load_settings("params.yaml")
     assert (plain.model.n_importance, plain.train.min_steps, plain.train.patience) == (1, 4000, 10)
     impute = load_settings("params.yaml", ["train.preset=impute"])
@@ -61,6 +61,26 @@ def test_a_preset_sets_its_values_and_a_set_of_the_same_key_still_wins():
     assert first.model.n_importance == 3 and first.train.min_steps == 12000
     section = load_settings("params.yaml", ["train.preset=impute", "model={latent_dim: 4}"])
     assert (section.model.latent_dim, section.model.n_importance, section.train.min_steps) == (4, 1, 12000)
+    # ... and a key below a section the preset sets
+    grid = "train.presets.wide={train.search: {space: {model.beta: [1.0, 0.5]}, max_minutes: 9}}"
+    below = load_settings(
+        "params.yaml", [grid, "train.preset=wide", "train.search.space={model.latent_dim: [4]}"]
+    )
+    assert below.train.search.space == {"model.latent_dim": [4]} and below.train.search.max_minutes == 9
+
+
+def test_the_params_hash_sees_what_a_preset_set_not_the_preset_table():
+    from pipelines.tracking import params_hash
+
+    spelled = ["model.n_importance=auto", "train.min_steps=12000", "train.patience=20"]
+    assert params_hash(load_settings("params.yaml", ["train.preset=impute"])) == params_hash(
+        load_settings("params.yaml", spelled)
+    )
+    extra = "train.presets.mine={model.beta: 0.5}"
+    assert params_hash(load_settings("params.yaml", [extra])) == params_hash(load_settings("params.yaml"))
+    assert params_hash(load_settings("params.yaml", ["train.preset=impute"])) != params_hash(
+        load_settings("params.yaml")
+    )
 
 
 def test_a_preset_named_in_params_yaml_applies_and_null_turns_it_off(tmp_path):
@@ -87,6 +107,7 @@ def test_the_run_logs_the_preset_and_the_values_it_set_not_the_preset_table():
         (["train.preset=imputation"], "train.preset 'imputation' is not one of train.presets ['impute']"),
         (["train.presets.x={score.jobs: [embed]}"], "preset 'x': 'score.jobs' is not a model.* or train.*"),
         (["train.presets.x={train.preset: x}"], "preset 'x': 'train.preset' is not a model.* or train.*"),
+        (["train.presets.impute.train.min_steps=500"], "its keys are dotted paths: train.presets.impute={"),
         (
             ["train.preset=x", "train.presets.x={model.nope: 3}"],
             "train.preset 'x' set model.nope=3): model.nope: Extra inputs",

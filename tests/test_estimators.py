@@ -237,6 +237,15 @@ def test_auto_training_samples_follow_the_draw_budget(rows, architecture, k):
     assert training_samples(budget, 3, architecture) == 3  # a K the user sets is used as it is
 
 
+@pytest.mark.parametrize(("rows", "k"), [(569, 8), (20_000, 8), (100_000, 4), (1_000_000, 4)])
+def test_a_longer_budget_keeps_the_tables_k(rows, k):
+    """The impute preset's 12,000-step floor (and a user's longer max_steps) keep the K the
+    table's default budget gets: K is sized by the table, not by how long the fit trains."""
+    assert training_samples(plan_budget(rows, min_steps=12_000), "auto") == k
+    assert training_samples(plan_budget(rows, max_steps=50_000), "auto") == k
+    assert training_samples(plan_budget(rows, max_steps=10), "auto") == k
+
+
 def test_a_network_built_without_a_budget_trains_the_elbo():
     assert VAEConfig().n_importance == 1
     vae = TabularVAE(2, [], VAEConfig(latent_dim=2, hidden_dims=[4], n_importance="auto"))

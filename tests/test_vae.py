@@ -159,3 +159,11 @@ def test_train_loss_is_each_epochs_row_weighted_mean_and_callbacks_see_it():
         expected = sum(loss * n for loss, n in steps) / 300
         assert logged == pytest.approx(expected, rel=1e-6)
     assert record.epochs[0] != record.epochs[1]
+
+
+@pytest.mark.parametrize(("schedule", "last"), [("constant", 5e-3), ("cosine", 5e-5)])
+def test_the_learning_rate_follows_the_schedule_to_the_last_step(schedule, last):
+    """cosine: from model.learning_rate down to 1% of it at the budget's last step."""
+    module, _ = train_small(linear_table(400), epochs=3, lr_schedule=schedule)
+    assert module.trainer.global_step == 12  # 4 batches of 128 rows x 3 epochs
+    assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(last)

@@ -48,6 +48,10 @@ class VAEConfig(BaseModel):
     logvar_max: float = 6.0
     learning_rate: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="learning rate over the step budget: constant, or cosine decay to 1% of it by the last step",
+    )
 
     @model_validator(mode="after")
     def _conv_needs_a_shape(self) -> VAEConfig:

@@ -110,20 +110,24 @@ class Budget:
 
 TRAIN_DRAWS = 2**24  # decoder draws (steps x batch x K) an `auto` importance-weighted fit spends
 MAX_TRAIN_K = 8
+DEFAULT_MIN_STEPS = 4000  # the step budget's floor (train.min_steps' default)
 
 
 def training_samples(budget: Budget, setting: int | str, architecture: str = "mlp") -> int:
     """K samples per row of the training bound: `setting` as it is, or for `auto` the most, up
-    to MAX_TRAIN_K, that keep steps x batch x K within TRAIN_DRAWS: a table whose budget is
-    ~4,000 steps of batches up to 512 (up to ~20k training rows) gets 8, a 1M-row table 4 and
-    a 10M-row one (8M training rows) 2. A conv network keeps the ELBO (1): its decoder costs K
-    times as much per step (unmeasured). The MIWAE bound imputes better than the ELBO and ranks
-    anomalies worse (measured: README "The models"); K=16 imputed no better than 8."""
+    to MAX_TRAIN_K, that keep the table's default budget (DEFAULT_MIN_STEPS or one pass of
+    `budget.batch_size` rows, whichever is longer) x batch x K within TRAIN_DRAWS: up to ~32k
+    training rows (batches up to 512) 8, up to ~4M rows 4, at 8M rows 2. K is sized by the
+    table, not by how long the fit trains: a longer budget (train.min_steps, the impute preset)
+    keeps the table's K and costs that much more. A conv network keeps the ELBO (1): its
+    decoder costs K times as much per step (unmeasured). The MIWAE bound imputes better than
+    the ELBO and ranks anomalies worse (measured: README "The models"); K=16 imputed no
+    better than 8."""
     if setting != "auto":
         return int(setting)
     if architecture != "mlp":
         return 1
-    draws = max(budget.max_steps * budget.batch_size, 1)
+    draws = max(DEFAULT_MIN_STEPS, budget.steps_per_epoch) * budget.batch_size
     return max(1, min(MAX_TRAIN_K, TRAIN_DRAWS // draws))
 
 
@@ -132,7 +136,7 @@ def plan_budget(
     *,
     batch_size: int | None = None,
     max_steps: int | None = None,
-    min_steps: int = 4000,
+    min_steps: int = DEFAULT_MIN_STEPS,
     max_epochs: int | None = None,
     max_batch: int = 1024,
     min_batch: int = 32,

@@ -81,6 +81,13 @@ class VAEModule(L.LightningModule):
         self.log("val_kl", out.kl.mean(), batch_size=n, **log)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(
+        optimizer = torch.optim.Adam(
             self.parameters(), lr=self.config.learning_rate, weight_decay=self.config.weight_decay
         )
+        if self.config.lr_schedule == "constant":
+            return optimizer
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=steps, eta_min=self.config.learning_rate / 100
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
