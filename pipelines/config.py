@@ -199,7 +199,7 @@ class TrainConfig(_Section):
     preset: str | None = Field(
         None,
         description="a name in train.presets: its model.* / train.* values replace params.yaml's "
-        "(a --set of the same key still wins); null: none",
+        "(every --set still wins); null: none",
     )
     presets: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_PRESETS.items()},
