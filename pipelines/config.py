@@ -187,6 +187,13 @@ class SearchConfig(_Section):
 
 
 PRESET_SECTIONS = ("model.", "train.")  # what a preset may set: the sections the train stage reads
+
+
+def _is_preset_key(key: object) -> bool:
+    """A key a preset may set: a dotted model.* / train.* path other than train.preset(s)."""
+    return isinstance(key, str) and key.startswith(PRESET_SECTIONS) and not key.startswith("train.preset")
+
+
 DEFAULT_PRESETS: dict[str, dict[str, Any]] = {
     # an imputation model: the MIWAE bound and three times the steps, longer patience
     "impute": {"model.n_importance": "auto", "train.min_steps": 12000, "train.patience": 20},
@@ -247,7 +254,7 @@ class TrainConfig(_Section):
     def _preset_keys(cls, presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for name, values in presets.items():
             for key in values:
-                if not key.startswith(PRESET_SECTIONS) or key.startswith("train.preset"):
+                if not _is_preset_key(key):
                     raise ValueError(
                         f"preset {name!r}: {key!r} is not a model.* or train.* setting "
                         "(a preset sets what the train stage reads, and not train.preset itself); "
@@ -526,7 +533,7 @@ def _apply_preset(data: dict[str, Any], named: dict[str, Any]) -> str:
         return ""  # validation names the problem (unknown preset, malformed presets)
     applied = []
     for key, value in presets[name].items():
-        if isinstance(key, str) and key.startswith(PRESET_SECTIONS) and not key.startswith("train.preset"):
+        if _is_preset_key(key):  # validation names the others
             _apply(data, key.split("."), value, f"train.presets.{name}.{key}")
             applied.append(f"{key}={value}")
     return f"; train.preset {name!r} set {', '.join(applied)}" if applied else ""

@@ -209,12 +209,8 @@ MODEL_PARAMS = (
 def model_params(settings: Settings) -> dict[str, Any]:
     """The run's params: the settings that change the model or its evaluation (not paths,
     servers or progress bars)."""
-    flat = _flatten(settings.model_dump(mode="json", by_alias=True))
-    return {
-        k: v
-        for k, v in flat.items()
-        if k.startswith(MODEL_PARAMS) and k.split(".")[:2] != ["train", "presets"]
-    }
+    dump = settings.model_dump(mode="json", by_alias=True, exclude={"train": {"presets"}})
+    return {k: v for k, v in _flatten(dump).items() if k.startswith(MODEL_PARAMS)}
 
 
 def best_metrics(result: training.FitResult) -> dict[str, float]:
