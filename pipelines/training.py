@@ -26,7 +26,7 @@ from pipelines.config import Settings
 from pipelines.ingest import Snapshot
 from vae_models import inference
 from vae_models.bundle import ModelBundle
-from vae_models.data import Budget, hold_out_cells, plan_budget, table_loader, training_samples
+from vae_models.data import Budget, HeldOut, hold_out_cells, plan_budget, table_loader, training_samples
 from vae_models.module import VAEModule
 from vae_models.schema import EncodedTable, TableSchema
 from vae_models.vae import TableBatch, TabularVAE
@@ -167,6 +167,23 @@ def best_row(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
     return min(scored, key=lambda r: r[monitor]) if scored else {}
 
 
+def monitor_for(monitor: str, held: HeldOut) -> str:
+    """`train.monitor`, or the metric the held-out cells can give when they cannot give it
+    (logged): val_loss when no cell could be held out (one modelled cell per row), the
+    held-out NLL when no numeric cell was (val_heldout_mse is the numeric cells' error)."""
+    if monitor != "val_loss" and not held.cells:
+        log.info(
+            "no cell could be held out (one modelled cell per row): monitoring val_loss, not %s", monitor
+        )
+        return "val_loss"
+    if monitor == "val_heldout_mse" and not held.h_num.any():
+        log.info(
+            "no numeric cell was held out (no numeric column): monitoring val_heldout_nll, not %s", monitor
+        )
+        return "val_heldout_nll"
+    return monitor
+
+
 @dataclass
 class FitResult:
     module: VAEModule
@@ -209,9 +226,7 @@ def fit(
         min_steps=cfg.min_steps,
         max_epochs=cfg.max_epochs,
     )
-    monitor = cfg.monitor if held.cells or cfg.monitor == "val_loss" else "val_loss"
-    if monitor != cfg.monitor:
-        log.info("no cell could be held out (one modelled cell per row): monitoring val_loss")
+    monitor = monitor_for(cfg.monitor, held)
     k = training_samples(budget, settings.model.n_importance, settings.model.architecture)
     config = settings.model.model_copy(update={"num_logvar_min": schema.logvar_floors(), "n_importance": k})
     module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump(), heldout_k=cfg.heldout_k)

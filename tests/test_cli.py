@@ -160,7 +160,7 @@ def _bad_cases(tmp_path):
         ),
         "unknown preset": (
             ["train", "--source", "x.csv", "--set", "train.preset=imputation"],
-            "train.preset 'imputation' is not one of train.presets ['impute']",
+            "train.preset 'imputation' is not one of train.presets ['embed', 'impute']",
         ),
         "bad key": (
             ["train", "--source", _bad_csv(tmp_path, "ok.csv", _table()), "--key", "nokey"],

@@ -54,6 +54,15 @@ def test_a_preset_sets_its_values_and_every_set_still_wins():
     assert (plain.model.n_importance, plain.train.min_steps, plain.train.patience) == (1, 4000, 10)
     impute = load_settings("params.yaml", ["train.preset=impute"])
     assert (impute.model.n_importance, impute.train.min_steps, impute.train.patience) == ("auto", 12000, 20)
+    assert (plain.train.monitor, impute.train.monitor) == ("val_heldout_nll", "val_heldout_mse")
+    assert (plain.model.encoder_hide_rate, impute.model.encoder_hide_rate) == (0.2, 0.0)
+    embed = load_settings("params.yaml", ["train.preset=embed", "model.latent_dim=8"])
+    assert (plain.model.beta, embed.model.beta, embed.model.latent_dim, embed.train.min_steps) == (
+        1.0,
+        0.1,
+        8,
+        4000,
+    )
     mine = load_settings("params.yaml", ["train.preset=impute", "train.min_steps=500"])
     assert (mine.model.n_importance, mine.train.min_steps, mine.train.patience) == ("auto", 500, 20)
     # a --set given before the preset is named wins too; so does a whole section set above the key
@@ -69,10 +78,23 @@ def test_a_preset_sets_its_values_and_every_set_still_wins():
     assert below.train.search.space == {"model.latent_dim": [4]} and below.train.search.max_minutes == 9
 
 
+def test_params_yaml_ships_the_presets_a_settings_file_without_them_gets():
+    from pipelines.config import TrainConfig
+
+    assert load_settings("params.yaml").train.presets == TrainConfig().presets
+    assert sorted(TrainConfig().presets) == ["embed", "impute"]
+
+
 def test_the_params_hash_sees_what_a_preset_set_not_the_preset_table():
     from pipelines.tracking import params_hash
 
-    spelled = ["model.n_importance=auto", "train.min_steps=12000", "train.patience=20"]
+    spelled = [
+        "model.n_importance=auto",
+        "train.min_steps=12000",
+        "train.patience=20",
+        "train.monitor=val_heldout_mse",
+        "model.encoder_hide_rate=0.0",
+    ]
     assert params_hash(load_settings("params.yaml", ["train.preset=impute"])) == params_hash(
         load_settings("params.yaml", spelled)
     )
@@ -104,7 +126,10 @@ def test_the_run_logs_the_preset_and_the_values_it_set_not_the_preset_table():
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
-        (["train.preset=imputation"], "train.preset 'imputation' is not one of train.presets ['impute']"),
+        (
+            ["train.preset=imputation"],
+            "train.preset 'imputation' is not one of train.presets ['embed', 'impute']",
+        ),
         (["train.presets.x={score.jobs: [embed]}"], "preset 'x': 'score.jobs' is not a model.* or train.*"),
         (["train.presets.x={train.preset: x}"], "preset 'x': 'train.preset' is not a model.* or train.*"),
         (["train.presets.impute.train.min_steps=500"], "its keys are dotted paths: train.presets.impute={"),

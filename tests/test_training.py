@@ -8,6 +8,7 @@ from pipelines import training
 from pipelines.config import load_settings
 from tests.conftest import small_params
 from vae_models import infer_schema
+from vae_models.data import hold_out_cells
 
 
 class EpochsRun(Callback):
@@ -88,3 +89,25 @@ def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path, flights):
     assert result.best_checkpoint and result.module.vae.encoder is not None
     assert len(client.get_metric_history(run_id, "val_loss")) == 2  # not 4: rank 1 stays quiet
     assert len(client.search_runs([client.get_experiment_by_name("ddp").experiment_id])) == 1
+
+
+def test_the_impute_presets_monitor_falls_back_where_no_numeric_cell_is_held_out(tmp_path, flights, caplog):
+    """train.monitor=val_heldout_mse (the impute preset's) scores numeric cells only: a table of
+    categorical columns trains on the held-out NLL instead, and says so, rather than failing in
+    early stopping; a table with numerics keeps val_heldout_mse."""
+    settings = load_settings(
+        small_params(tmp_path, train={"max_epochs": 2, "monitor": "val_heldout_mse"}), ["train.preset=null"]
+    )
+    cats = flights[["rownames", "carrier", "origin"]]
+    schema = infer_schema(cats.iloc[:2400], key="rownames")
+    assert not schema.numeric and len(schema.categorical) == 2
+    with caplog.at_level("INFO", logger="pipelines.training"):
+        result = training.fit(
+            cats.iloc[:2400], cats.iloc[2400:], schema, settings, checkpoint_dir=tmp_path / "c"
+        )
+    assert result.monitor == "val_heldout_nll" and result.best["val_heldout_nll"] > 0
+    assert "no numeric cell was held out (no numeric column): monitoring val_heldout_nll" in caplog.text
+    assert result.best_checkpoint  # early stopping and the checkpoint both ran on it
+    numeric = infer_schema(flights.iloc[:2400], key="rownames")
+    held = hold_out_cells(numeric.encode(flights.iloc[:2400]), 0.1)
+    assert training.monitor_for("val_heldout_mse", held) == "val_heldout_mse"
