@@ -239,8 +239,8 @@ class TrainConfig(_Section):
     patience: int = Field(10, ge=1, description="early stopping: validations without a better monitor value")
     monitor: Literal["val_heldout_nll", "val_heldout_mse", "val_loss"] = Field(
         "val_heldout_nll",
-        description="early stopping and model selection: held-out cells' NLL or squared error, or the "
-        "validation rows' negative ELBO",
+        description="early stopping and model selection: held-out cells' NLL or squared error (the NLL "
+        "where no numeric cell is held out), or the validation rows' negative ELBO",
     )
     heldout_cells: float = Field(
         0.1, ge=0.0, lt=0.5, description="share of observed training cells hidden to score imputation"

@@ -167,19 +167,18 @@ def best_row(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
     return min(scored, key=lambda r: r[monitor]) if scored else {}
 
 
-def monitor_for(monitor: str, held: HeldOut) -> str:
-    """`train.monitor`, or the metric the held-out cells can give when they cannot give it
-    (logged): val_loss when no cell could be held out (one modelled cell per row), the
-    held-out NLL when no numeric cell was (val_heldout_mse is the numeric cells' error)."""
+def monitor_for(monitor: str, held: HeldOut, max_rows: int, seed: int = 0) -> str:
+    """`train.monitor`, or the metric the validated held-out cells (`held.sample_rows`) can give
+    when they cannot give it (logged): val_loss when no cell could be held out (one modelled
+    cell per row), the held-out NLL when no numeric cell is among them (val_heldout_mse is the
+    numeric cells' error: a table without numeric columns, or with too few observed)."""
     if monitor != "val_loss" and not held.cells:
         log.info(
             "no cell could be held out (one modelled cell per row): monitoring val_loss, not %s", monitor
         )
         return "val_loss"
-    if monitor == "val_heldout_mse" and not held.h_num.any():
-        log.info(
-            "no numeric cell was held out (no numeric column): monitoring val_heldout_nll, not %s", monitor
-        )
+    if monitor == "val_heldout_mse" and not held.h_num[held.sample_rows(max_rows, seed)].any():
+        log.info("no numeric cell is among the held-out cells: monitoring val_heldout_nll, not %s", monitor)
         return "val_heldout_nll"
     return monitor
 
@@ -226,7 +225,7 @@ def fit(
         min_steps=cfg.min_steps,
         max_epochs=cfg.max_epochs,
     )
-    monitor = monitor_for(cfg.monitor, held)
+    monitor = monitor_for(cfg.monitor, held, cfg.heldout_rows, cfg.seed)
     k = training_samples(budget, settings.model.n_importance, settings.model.architecture)
     config = settings.model.model_copy(update={"num_logvar_min": schema.logvar_floors(), "n_importance": k})
     module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump(), heldout_k=cfg.heldout_k)

@@ -94,10 +94,11 @@ def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path, flights):
 def test_the_impute_presets_monitor_falls_back_where_no_numeric_cell_is_held_out(tmp_path, flights, caplog):
     """train.monitor=val_heldout_mse (the impute preset's) scores numeric cells only: a table of
     categorical columns trains on the held-out NLL instead, and says so, rather than failing in
-    early stopping; a table with numerics keeps val_heldout_mse."""
+    early stopping; so does a table whose validated held-out rows hold no numeric cell."""
     settings = load_settings(
-        small_params(tmp_path, train={"max_epochs": 2, "monitor": "val_heldout_mse"}), ["train.preset=null"]
+        small_params(tmp_path, train={"max_epochs": 2}), ["train.preset=impute", "train.min_steps=20"]
     )
+    assert settings.train.monitor == "val_heldout_mse"
     cats = flights[["rownames", "carrier", "origin"]]
     schema = infer_schema(cats.iloc[:2400], key="rownames")
     assert not schema.numeric and len(schema.categorical) == 2
@@ -106,8 +107,13 @@ def test_the_impute_presets_monitor_falls_back_where_no_numeric_cell_is_held_out
             cats.iloc[:2400], cats.iloc[2400:], schema, settings, checkpoint_dir=tmp_path / "c"
         )
     assert result.monitor == "val_heldout_nll" and result.best["val_heldout_nll"] > 0
-    assert "no numeric cell was held out (no numeric column): monitoring val_heldout_nll" in caplog.text
+    assert "no numeric cell is among the held-out cells: monitoring val_heldout_nll" in caplog.text
     assert result.best_checkpoint  # early stopping and the checkpoint both ran on it
     numeric = infer_schema(flights.iloc[:2400], key="rownames")
     held = hold_out_cells(numeric.encode(flights.iloc[:2400]), 0.1)
-    assert training.monitor_for("val_heldout_mse", held) == "val_heldout_mse"
+    assert training.monitor_for("val_heldout_mse", held, 20000) == "val_heldout_mse"
+    # a numeric cell held out on a row that validation does not sample is no numeric cell to score
+    held.h_num[:] = 0.0
+    held.h_num[held.sample_rows(20000)[-1], 0] = 1.0
+    assert training.monitor_for("val_heldout_mse", held, 20000) == "val_heldout_mse"
+    assert training.monitor_for("val_heldout_mse", held, 5) == "val_heldout_nll"

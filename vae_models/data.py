@@ -66,12 +66,17 @@ class HeldOut:
     def cells(self) -> int:
         return int(self.h_num.sum() + self.h_cat.sum())
 
-    def loader(self, max_rows: int, batch_size: int, seed: int = 0) -> DataLoader:
-        """Batches (x_num, m_num, x_cat, m_cat, h_num, h_cat) of up to `max_rows` rows that hold
-        a held-out cell, a seeded sample when there are more."""
+    def sample_rows(self, max_rows: int, seed: int = 0) -> np.ndarray:
+        """Indices of up to `max_rows` rows that hold a held-out cell, a seeded sample when there
+        are more: the rows each validation scores."""
         rows = np.flatnonzero((self.h_num.sum(1) + self.h_cat.sum(1)) > 0)
         if len(rows) > max_rows:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+        return rows
+
+    def loader(self, max_rows: int, batch_size: int, seed: int = 0) -> DataLoader:
+        """Batches (x_num, m_num, x_cat, m_cat, h_num, h_cat) of the `sample_rows` rows."""
+        rows = self.sample_rows(max_rows, seed)
         v = self.visible
         arrays = (v.x_num, v.m_num, v.x_cat, v.m_cat, self.h_num, self.h_cat)
         return tensor_loader(tuple(torch.as_tensor(a[rows]) for a in arrays), batch_size, shuffle=False)
