@@ -82,7 +82,8 @@ class VAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         # the fused kernel updates every tensor in one op instead of a Python loop over them:
-        # measured ~0.9-1.1 ms -> ~0.2-0.3 ms per step for the default network on one CPU thread
+        # measured ~0.9-1.1 ms -> ~0.2-0.3 ms per optimiser step for the default network on one
+        # CPU thread (whole fits on the benchmark tables did not speed up measurably)
         optimizer = torch.optim.Adam(
             self.parameters(),
             lr=self.config.learning_rate,
