@@ -167,17 +167,18 @@ def best_row(history: list[dict[str, float]], monitor: str) -> dict[str, float]:
     return min(scored, key=lambda r: r[monitor]) if scored else {}
 
 
-def monitor_for(monitor: str, held: HeldOut, max_rows: int, seed: int = 0) -> str:
-    """`train.monitor`, or the metric the validated held-out cells (`held.sample_rows`) can give
-    when they cannot give it (logged): val_loss when no cell could be held out (one modelled
-    cell per row), the held-out NLL when no numeric cell is among them (val_heldout_mse is the
-    numeric cells' error: a table without numeric columns, or with too few observed)."""
+def monitor_for(monitor: str, held: HeldOut, rows: np.ndarray) -> str:
+    """`train.monitor`, or the metric the held-out cells of the validated `rows`
+    (`held.sample_rows`) can give when they cannot give it (logged): val_loss when no cell
+    could be held out (one modelled cell per row), the held-out NLL when no numeric cell is
+    among them (val_heldout_mse is the numeric cells' error: a table without numeric columns,
+    or with too few observed)."""
     if monitor != "val_loss" and not held.cells:
         log.info(
             "no cell could be held out (one modelled cell per row): monitoring val_loss, not %s", monitor
         )
         return "val_loss"
-    if monitor == "val_heldout_mse" and not held.h_num[held.sample_rows(max_rows, seed)].any():
+    if monitor == "val_heldout_mse" and not held.h_num[rows].any():
         log.info("no numeric cell is among the held-out cells: monitoring val_heldout_nll, not %s", monitor)
         return "val_heldout_nll"
     return monitor
@@ -225,7 +226,8 @@ def fit(
         min_steps=cfg.min_steps,
         max_epochs=cfg.max_epochs,
     )
-    monitor = monitor_for(cfg.monitor, held, cfg.heldout_rows, cfg.seed)
+    validated = held.sample_rows(cfg.heldout_rows, cfg.seed)  # the held-out rows each validation scores
+    monitor = monitor_for(cfg.monitor, held, validated)
     k = training_samples(budget, settings.model.n_importance, settings.model.architecture)
     config = settings.model.model_copy(update={"num_logvar_min": schema.logvar_floors(), "n_importance": k})
     module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump(), heldout_k=cfg.heldout_k)
@@ -285,7 +287,7 @@ def fit(
         history.path.unlink(missing_ok=True)  # a fresh fit starts a fresh history
     val_loaders = [table_loader(val, 4096, shuffle=False)]
     if monitor != "val_loss":
-        val_loaders.append(held.loader(cfg.heldout_rows, 4096, seed=cfg.seed))
+        val_loaders.append(held.loader(validated, 4096))
     trainer.fit(
         module,
         train_dataloaders=table_loader(held.visible, budget.batch_size, shuffle=True, seed=cfg.seed),
@@ -381,7 +383,7 @@ def heldout_cell_metrics(vae: TabularVAE, table: EncodedTable, settings: Setting
     total = torch.zeros(7, dtype=torch.float64)
     rows = base = 0.0
     with torch.no_grad():
-        for batch in held.loader(settings.train.heldout_rows, 4096, seed=settings.train.seed):
+        for batch in held.loader(held.sample_rows(settings.train.heldout_rows, settings.train.seed), 4096):
             sums = inference.heldout_metrics(vae, TableBatch(*batch[:4]), batch[4], batch[5], k)
             total += torch.stack([t.double() for t in sums])
             rows += batch[0].shape[0]

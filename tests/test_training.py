@@ -111,9 +111,9 @@ def test_the_impute_presets_monitor_falls_back_where_no_numeric_cell_is_held_out
     assert result.best_checkpoint  # early stopping and the checkpoint both ran on it
     numeric = infer_schema(flights.iloc[:2400], key="rownames")
     held = hold_out_cells(numeric.encode(flights.iloc[:2400]), 0.1)
-    assert training.monitor_for("val_heldout_mse", held, 20000) == "val_heldout_mse"
+    assert training.monitor_for("val_heldout_mse", held, held.sample_rows(20000)) == "val_heldout_mse"
     # a numeric cell held out on a row that validation does not sample is no numeric cell to score
     held.h_num[:] = 0.0
     held.h_num[held.sample_rows(20000)[-1], 0] = 1.0
-    assert training.monitor_for("val_heldout_mse", held, 20000) == "val_heldout_mse"
-    assert training.monitor_for("val_heldout_mse", held, 5) == "val_heldout_nll"
+    assert training.monitor_for("val_heldout_mse", held, held.sample_rows(20000)) == "val_heldout_mse"
+    assert training.monitor_for("val_heldout_mse", held, held.sample_rows(5)) == "val_heldout_nll"

@@ -74,9 +74,8 @@ class HeldOut:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
         return rows
 
-    def loader(self, max_rows: int, batch_size: int, seed: int = 0) -> DataLoader:
-        """Batches (x_num, m_num, x_cat, m_cat, h_num, h_cat) of the `sample_rows` rows."""
-        rows = self.sample_rows(max_rows, seed)
+    def loader(self, rows: np.ndarray, batch_size: int) -> DataLoader:
+        """Batches (x_num, m_num, x_cat, m_cat, h_num, h_cat) of `rows` (from `sample_rows`)."""
         v = self.visible
         arrays = (v.x_num, v.m_num, v.x_cat, v.m_cat, self.h_num, self.h_cat)
         return tensor_loader(tuple(torch.as_tensor(a[rows]) for a in arrays), batch_size, shuffle=False)
