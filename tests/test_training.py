@@ -1,14 +1,18 @@
 """Training: a fit interrupted mid-way resumes from its last checkpoint (what a task retry does)."""
 
+import lightning as L
 import mlflow
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from pipelines import training
 from pipelines.config import load_settings
 from tests.conftest import small_params
-from vae_models import infer_schema
-from vae_models.data import hold_out_cells
+from tests.helpers import linear_table
+from vae_models import VAEConfig, infer_schema
+from vae_models.data import hold_out_cells, table_loader
+from vae_models.module import VAEModule
 
 
 class EpochsRun(Callback):
@@ -117,3 +121,46 @@ def test_the_impute_presets_monitor_falls_back_where_no_numeric_cell_is_held_out
     held.h_num[held.sample_rows(20000)[-1], 0] = 1.0
     assert training.monitor_for("val_heldout_mse", held, held.sample_rows(20000)) == "val_heldout_mse"
     assert training.monitor_for("val_heldout_mse", held, held.sample_rows(5)) == "val_heldout_nll"
+
+
+class _RisingAfterStart(VAEModule):
+    """Logs val_heldout_nll = the global step: the first validations, inside the KL warm-up,
+    score best, which an unguarded selection would keep (and then stop early)."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_heldout_nll", float(self.global_step), on_epoch=True, batch_size=1)
+
+
+def test_model_selection_passes_over_the_kl_warm_up(tmp_path):
+    """The kept checkpoint is the best validation after the KL warm-up (a warm-up validation is
+    never kept, however well it scores) and early stopping's patience counts from there."""
+    df = linear_table(256)
+    schema = infer_schema(df)
+    config = VAEConfig(latent_dim=2, hidden_dims=[8], kl_warmup=0.5)
+    module = _RisingAfterStart(len(schema.numeric), schema.cat_sizes, config.model_dump())
+    checkpoint = training.SelectAfterWarmUp(
+        dirpath=tmp_path,
+        filename="best",
+        monitor="val_heldout_nll",
+        save_last=True,
+        save_on_train_epoch_end=False,
+    )
+    stop = training.StopAfterWarmUp(monitor="val_heldout_nll", patience=2, check_on_train_epoch_end=False)
+    trainer = L.Trainer(
+        max_steps=20,  # 8 batches of 32 per epoch; the warm-up is steps 0-9
+        val_check_interval=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        callbacks=[checkpoint, stop],
+    )
+    loader = table_loader(schema.encode(df), 32, shuffle=True)
+    trainer.fit(module, loader, val_dataloaders=table_loader(schema.encode(df.head(32)), 32, shuffle=False))
+    assert module.warm_up_steps() == 10
+    kept = torch.load(checkpoint.best_model_path, weights_only=True)
+    assert kept["global_step"] == 10  # the first validation after the warm-up, not step 1
+    assert trainer.global_step == 12  # two validations without improvement after it: stopped
+    history = [{"step": float(s), "val_heldout_nll": float(s)} for s in range(1, 13)]
+    assert training.best_row(history, "val_heldout_nll", 10)["step"] == 10

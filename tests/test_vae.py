@@ -6,6 +6,7 @@ import torch
 
 from tests.helpers import linear_table, train_small
 from vae_models import VAEConfig, infer_schema
+from vae_models.data import table_loader
 from vae_models.module import VAEModule
 from vae_models.vae import TableBatch, TabularVAE
 
@@ -167,3 +168,60 @@ def test_the_learning_rate_follows_the_schedule_to_the_last_step(schedule, last)
     module, _ = train_small(linear_table(400), epochs=3, lr_schedule=schedule)
     assert module.trainer.global_step == 12  # 4 batches of 128 rows x 3 epochs
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(last)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_trimmed_loss_leaves_the_worst_fitting_row_out_of_the_gradient(k):
+    """model.trim_fraction: a row far off the data gets no gradient, and the loss is exactly the
+    mean of the other rows' losses (21 rows, trim 0.05: the 0.95 quantile is the second worst)."""
+    df = linear_table(21)
+    df.loc[7, ["x1", "x2", "x3"]] = [40.0, -80.0, 30.0]  # off the x2 = 2 x1 line, and far out
+    schema = infer_schema(linear_table(500))
+    batch = TableBatch(*schema.encode(df).tensors())
+    vae = TabularVAE(len(schema.numeric), schema.cat_sizes, VAEConfig(latent_dim=2, hidden_dims=[8]))
+    grads = {}
+    for trim in (0.0, 0.05):
+        x_num = batch.x_num.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        out = vae.loss(TableBatch(x_num, *batch[1:]), k=k, trim=trim)
+        out.loss.backward()
+        grads[trim] = x_num.grad.abs().sum(1)
+        if trim:
+            others = torch.arange(21) != 7
+            with torch.no_grad():  # kl_weight 1: each row's loss is minus its bound
+                assert out.loss.item() == pytest.approx(-out.bound[others].mean().item(), rel=1e-5)
+    assert grads[0.0][7] > 0 and grads[0.05][7] == 0
+    assert (grads[0.05][torch.arange(21) != 7] > 0).all()  # every other row still trains
+
+
+def test_trimming_starts_after_the_kl_warm_up():
+    """Every row trains during the warm-up (the first kl_warmup share of the steps); after it, the
+    module trims `trim_fraction` of each batch."""
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.trim_fraction())
+
+    df = linear_table(512)
+    schema = infer_schema(df)
+    config = VAEConfig(latent_dim=2, hidden_dims=[8], kl_warmup=0.5, trim_fraction=0.1)
+    module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump())
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[Record()],
+    )
+    trainer.fit(module, table_loader(schema.encode(df), 128, shuffle=True))
+    assert seen == [0.0] * 4 + [0.1] * 4  # 8 steps, warm-up over after 4
+    module.eval()
+    assert module.trim_fraction() == 0.0  # never outside training
+
+
+def test_a_trim_fraction_of_half_or_more_is_refused():
+    with pytest.raises(ValueError, match="trim_fraction"):
+        VAEConfig(trim_fraction=0.5)

@@ -44,6 +44,14 @@ class VAEConfig(BaseModel):
     encoder_hide_rate: float = Field(
         0.2, ge=0.0, lt=1.0, description="share of observed cells hidden from the encoder in training"
     )
+    trim_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="robust training: after the KL warm-up, the share of each training batch's rows with "
+        "the highest loss per observed cell is left out of the gradient, so contaminated rows (the "
+        "normal case in a warehouse) shape the model less and score as more anomalous",
+    )
     logvar_min: float = -8.0
     logvar_max: float = 6.0
     learning_rate: float = Field(1e-3, gt=0.0)

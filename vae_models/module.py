@@ -29,16 +29,32 @@ class VAEModule(L.LightningModule):
         self.heldout_k = heldout_k
         self._train_sums: torch.Tensor | None = None  # (loss * rows, kl * rows, rows) this epoch
 
+    def warm_up_steps(self) -> float:
+        """Steps of the KL warm-up (`kl_warmup` of the fit's steps; 0 outside a fit): the KL
+        weight ramps to beta over them, then trimming (`trim_fraction`) and model selection
+        (`pipelines.training`: early stopping and the kept checkpoint) begin."""
+        if self.config.kl_warmup == 0 or self._trainer is None:
+            return 0.0
+        return max(float(self.trainer.estimated_stepping_batches) * self.config.kl_warmup, 1.0)
+
     def kl_weight(self) -> float:
-        warmup = self.config.kl_warmup
-        if warmup == 0 or not self.training or self._trainer is None:
+        steps = self.warm_up_steps() if self.training else 0.0
+        if steps == 0:
             return self.config.beta
-        steps = max(float(self.trainer.estimated_stepping_batches) * warmup, 1.0)
         return self.config.beta * min(1.0, self.global_step / steps)
+
+    def trim_fraction(self) -> float:
+        """`trim_fraction` once the KL warm-up is over (every row trains until then); 0 outside training."""
+        if self.config.trim_fraction == 0 or not self.training:
+            return 0.0
+        return self.config.trim_fraction if self.global_step >= self.warm_up_steps() else 0.0
 
     def training_step(self, batch, batch_idx):
         out = self.vae.loss(
-            TableBatch(*batch), kl_weight=self.kl_weight(), hide=self.config.encoder_hide_rate
+            TableBatch(*batch),
+            kl_weight=self.kl_weight(),
+            hide=self.config.encoder_hide_rate,
+            trim=self.trim_fraction(),
         )
         if not torch.isfinite(out.loss):
             raise FloatingPointError(

@@ -184,9 +184,16 @@ class TabularVAE(nn.Module):
         return log_w, cell_ll, decoded, post
 
     def loss(
-        self, batch: TableBatch, kl_weight: float = 1.0, k: int | None = None, hide: float = 0.0
+        self,
+        batch: TableBatch,
+        kl_weight: float = 1.0,
+        k: int | None = None,
+        hide: float = 0.0,
+        trim: float = 0.0,
     ) -> LossOutput:
-        """Negative (beta-weighted) ELBO for K=1, negative IWAE bound for K>1."""
+        """Negative (beta-weighted) ELBO for K=1, negative IWAE bound for K>1, averaged over the
+        rows; `trim` > 0 averages over the rows whose loss per observed cell is at or below the
+        batch's (1 - trim) quantile instead (robust training: the worst-fitting rows are left out)."""
         k = k or self.train_k
         post = self.inference(batch, hide)
         kl = kl_to_standard_normal(post.mu, post.logvar)
@@ -194,9 +201,20 @@ class TabularVAE(nn.Module):
         recon_k = self.cell_log_likelihood(batch, self.generative(z)).sum(-1)  # (k, B)
         recon = recon_k.mean(0)
         if k == 1:
-            return LossOutput(loss=-(recon - kl_weight * kl).mean(), bound=recon - kl, recon=recon, kl=kl)
-        log_prior_ratio = standard_normal_log_prob(z) - diagonal_normal_log_prob(z, post.mu, post.logvar)
-        log_k = math.log(k)
-        weighted = torch.logsumexp(recon_k + kl_weight * log_prior_ratio, 0) - log_k
-        bound = torch.logsumexp(recon_k + log_prior_ratio, 0) - log_k
-        return LossOutput(loss=-weighted.mean(), bound=bound, recon=recon, kl=kl)
+            per_row, bound = -(recon - kl_weight * kl), recon - kl
+        else:
+            log_prior_ratio = standard_normal_log_prob(z) - diagonal_normal_log_prob(z, post.mu, post.logvar)
+            log_k = math.log(k)
+            per_row = -(torch.logsumexp(recon_k + kl_weight * log_prior_ratio, 0) - log_k)
+            bound = torch.logsumexp(recon_k + log_prior_ratio, 0) - log_k
+        return LossOutput(loss=_trimmed_mean(per_row, batch.mask, trim), bound=bound, recon=recon, kl=kl)
+
+
+def _trimmed_mean(per_row: torch.Tensor, mask: torch.Tensor, trim: float) -> torch.Tensor:
+    """The mean of `per_row`, or with `trim` > 0 the mean over the rows whose value per observed
+    cell is at or below the (1 - trim) quantile of the batch's."""
+    if trim <= 0 or per_row.shape[0] < 2:
+        return per_row.mean()
+    per_cell = (per_row / mask.sum(-1).clamp(min=1.0)).detach()
+    keep = (per_cell <= torch.quantile(per_cell, 1.0 - trim)).to(per_row.dtype)
+    return (per_row * keep).sum() / keep.sum()
