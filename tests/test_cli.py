@@ -85,6 +85,43 @@ def test_train_and_score_a_table_never_seen_before(tmp_path, prefect_api, unseen
     assert '"source": "constant column"' in schema and "high-cardinality text" in schema
 
 
+@pytest.mark.slow
+def test_the_impute_preset_trains_a_table_without_numeric_columns(tmp_path, prefect_api):
+    """The impute preset monitors the held-out cells' squared error, which needs numeric cells:
+    on a table of categories only, `vaeflow train` monitors their NLL instead, says so in its
+    log and registers the model (it used to fail in Lightning's EarlyStopping)."""
+    rng = np.random.default_rng(0)
+    colour = rng.choice(["red", "green", "blue"], 600)
+    df = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(600)],
+            "colour": colour,
+            "size": np.where(colour == "red", "S", rng.choice(["M", "L"], 600)),
+            "shop": rng.choice(["north", "south"], 600),
+        }
+    )
+    path = _bad_csv(tmp_path, "shirts.csv", df)
+    params = str(small_params(tmp_path))
+    code, out, err = vaeflow(
+        prefect_api,
+        "train",
+        "--source",
+        path,
+        "--key",
+        "id",
+        "--params",
+        params,
+        "--set",
+        "train.preset=impute",
+    )
+    assert code == 0, err
+    assert (
+        "no numeric cell is among the held-out cells: monitoring val_heldout_nll, not val_heldout_mse" in err
+    )
+    assert re.search(r"epoch \d+, step \d+/\d+: .*\(best [0-9.e+-]+ at step \d+\)", err), err
+    assert "registered shirts_vae version 1" in out, out
+
+
 def test_a_separate_model_registry_named_by_mlflow_registry_uri(tmp_path, prefect_api, unseen_csv):
     """MLflow's own MLFLOW_REGISTRY_URI puts the registered versions in another store: training
     registers there, scoring loads the champion from there, the tracking store holds the runs."""
