@@ -261,12 +261,14 @@ def fit(
         per_epoch=budget.val_every >= budget.steps_per_epoch,
         run=mlflow_run,
     )
-    # both act when a validation ends (it may fall mid-epoch): a fit resumed from a checkpoint
-    # written there re-enters that epoch's end before any new validation has run
-    # both pass over the validations of the KL warm-up (see _AfterWarmUp)
+    # all three act when a validation ends (it may fall mid-epoch: a fit resumed from a checkpoint
+    # written there re-enters that epoch's end before any new validation has run); the kept
+    # checkpoint and early stopping pass over the validations of the KL warm-up (_AfterWarmUp),
+    # while last.ckpt, which a retried fit resumes from, is written at every validation
     checkpoint = SelectAfterWarmUp(
-        dirpath=ckpt_dir, filename="best", monitor=monitor, save_last=True, save_on_train_epoch_end=False
+        dirpath=ckpt_dir, filename="best", monitor=monitor, save_on_train_epoch_end=False
     )
+    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_on_train_epoch_end=False)
     log.info(
         "training on %d rows: batch %d, up to %d steps (%d per epoch), %d sample(s) per row, validating every %d",
         len(train_df),
@@ -289,6 +291,7 @@ def fit(
         callbacks=[
             StopAfterWarmUp(monitor=monitor, patience=cfg.patience, check_on_train_epoch_end=False),
             checkpoint,
+            latest,
             history,
             *(callbacks or []),
         ],

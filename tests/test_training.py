@@ -32,8 +32,13 @@ class CrashAtEpoch(Callback):
             raise RuntimeError("worker lost")
 
 
-def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights):
-    settings = load_settings(small_params(tmp_path, train={"max_epochs": 4, "patience": 10}))
+@pytest.mark.parametrize("warmup", [0.1, 0.75])
+def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights, warmup):
+    """A crash after two epochs resumes at the third, also when it falls within the KL warm-up
+    (0.75: the first three of four epochs), whose validations no checkpoint is selected from."""
+    settings = load_settings(
+        small_params(tmp_path, train={"max_epochs": 4, "patience": 10}, model={"kl_warmup": warmup})
+    )
     train_df, val_df = flights.iloc[:2400], flights.iloc[2400:]
     schema = infer_schema(train_df, key="rownames")
     ckpt = tmp_path / "ckpt"
