@@ -265,10 +265,11 @@ def fit(
     # written there re-enters that epoch's end before any new validation has run); the kept
     # checkpoint and early stopping pass over the validations of the KL warm-up (_AfterWarmUp),
     # while last.ckpt, which a retried fit resumes from, is written at every validation
-    checkpoint = SelectAfterWarmUp(
-        dirpath=ckpt_dir, filename="best", monitor=monitor, save_on_train_epoch_end=False
-    )
-    latest = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_on_train_epoch_end=False)
+    # (no version counter: a last.ckpt the callbacks' restored state does not name, e.g. one an
+    # older release wrote, is overwritten rather than left beside a last-v1.ckpt)
+    keep = {"dirpath": ckpt_dir, "save_on_train_epoch_end": False, "enable_version_counter": False}
+    checkpoint = SelectAfterWarmUp(filename="best", monitor=monitor, **keep)
+    latest = ModelCheckpoint(filename="last", **keep)
     log.info(
         "training on %d rows: batch %d, up to %d steps (%d per epoch), %d sample(s) per row, validating every %d",
         len(train_df),
@@ -321,10 +322,11 @@ def fit(
         ckpt_path=str(last) if last.exists() else None,
     )
     best = checkpoint.best_model_path or None
-    select_from = module.warm_up_steps()  # the first step whose validation could be kept
+    kept_step = None
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        kept_ckpt = torch.load(best, map_location="cpu", weights_only=True)
+        module.load_state_dict(kept_ckpt["state_dict"])
+        kept_step = float(kept_ckpt["global_step"])  # read here: spawned DDP fits leave no trainer
     module.cpu().eval()
     if held.cells:
         schema = inference.choose_log1p_estimates(
@@ -337,8 +339,9 @@ def fit(
         epochs = rows[-1]["epoch"] + 1.0
     else:  # within an epoch (big tables): a fraction of a pass
         epochs = rows[-1]["step"] / budget.steps_per_epoch
-    # the kept weights' validation; a fit that ended within the warm-up keeps its last weights
-    kept = best_row(rows, monitor, select_from) if best else (rows[-1] if rows else {})
+    # the kept weights' validation; a fit that ended within the warm-up keeps its last weights,
+    # reported with its last validation
+    kept = next((r for r in rows if r["step"] == kept_step), {}) if best else (rows[-1] if rows else {})
     return FitResult(module, schema, rows, best, epochs, budget, monitor, kept)
 
 

@@ -57,6 +57,9 @@ def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights, warmup)
     # ... and so is the retry's run: the validations before the crash are in it too
     assert sorted(m.step for m in client.get_metric_history(retry_run, "val_loss")) == [0, 1, 2, 3]
     assert resumed.best["step"] in {r["step"] for r in resumed.history}
+    # the reported row is the kept checkpoint's, from after the warm-up (steps 10, 20, 30, 40)
+    assert resumed.best["step"] == torch.load(resumed.best_checkpoint, weights_only=True)["global_step"]
+    assert resumed.best["step"] >= warmup * resumed.budget.max_steps
     fresh = training.fit(train_df, val_df, schema, settings, checkpoint_dir=tmp_path / "other")
     assert [int(r["epoch"]) for r in fresh.history] == [0, 1, 2, 3]
 

@@ -48,9 +48,10 @@ class VAEConfig(BaseModel):
         0.0,
         ge=0.0,
         lt=0.5,
-        description="robust training: after the KL warm-up, the share of each training batch's rows with "
-        "the highest loss per observed cell is left out of the gradient, so contaminated rows (the "
-        "normal case in a warehouse) shape the model less and score as more anomalous",
+        description="robust training: after the KL warm-up, the rows of each training batch whose loss "
+        "per observed cell is above the batch's (1 - trim_fraction) quantile (linearly interpolated: "
+        "ceil(trim_fraction x (B - 1)) of B rows, so at least one of any batch) are left out of the "
+        "gradient, so contaminated rows (the normal case in a warehouse) shape the model less",
     )
     logvar_min: float = -8.0
     logvar_max: float = 6.0

@@ -212,7 +212,8 @@ class TabularVAE(nn.Module):
 
 def _trimmed_mean(per_row: torch.Tensor, mask: torch.Tensor, trim: float) -> torch.Tensor:
     """The mean of `per_row`, or with `trim` > 0 the mean over the rows whose value per observed
-    cell is at or below the (1 - trim) quantile of the batch's."""
+    cell is at or below the (1 - trim) quantile of the batch's (linearly interpolated: with
+    distinct values ceil(trim x (B - 1)) of B rows are left out, at least one)."""
     if trim <= 0 or per_row.shape[0] < 2:
         return per_row.mean()
     per_cell = (per_row / mask.sum(-1).clamp(min=1.0)).detach()
