@@ -123,10 +123,26 @@ def test_conv_architecture_rejects_a_table_of_the_wrong_shape():
         VAEConfig(architecture="conv")
 
 
+def _two_epochs(df: pd.DataFrame, config: VAEConfig, callback: L.Callback) -> VAEModule:
+    """Two epochs of shuffled batches of 128 rows on the CPU with `callback`, nothing saved."""
+    schema = infer_schema(df)
+    module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump())
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[callback],
+    )
+    trainer.fit(module, table_loader(schema.encode(df), 128, shuffle=True))
+    return module
+
+
 def test_train_loss_is_each_epochs_row_weighted_mean_and_callbacks_see_it():
     """Logged once per epoch (not per step), yet equal to the mean of every row's step loss and
     visible to callbacks' on_train_epoch_end (which the loss-curve history uses)."""
-    from vae_models.data import table_loader
 
     class Record(L.Callback):
         def __init__(self):
@@ -138,22 +154,10 @@ def test_train_loss_is_each_epochs_row_weighted_mean_and_callbacks_see_it():
         def on_train_epoch_end(self, trainer, pl_module):
             self.epochs.append(float(trainer.callback_metrics["train_loss"]))
 
-    df = linear_table(300)  # batches of 128, 128 and 44 rows
-    schema = infer_schema(df)
-    module = VAEModule(
-        len(schema.numeric), schema.cat_sizes, VAEConfig(latent_dim=2, hidden_dims=[8]).model_dump()
-    )
     record = Record()
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[record],
-    )
-    trainer.fit(module, table_loader(schema.encode(df), 128, shuffle=True))
+    _two_epochs(
+        linear_table(300), VAEConfig(latent_dim=2, hidden_dims=[8]), record
+    )  # batches of 128, 128, 44
     for epoch, logged in enumerate(record.epochs):
         steps = [(loss, n) for e, loss, n in record.steps if e == epoch]
         assert [n for _, n in steps] == [128, 128, 44]
@@ -203,20 +207,8 @@ def test_trimming_starts_after_the_kl_warm_up():
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(pl_module.trim_fraction())
 
-    df = linear_table(512)
-    schema = infer_schema(df)
     config = VAEConfig(latent_dim=2, hidden_dims=[8], kl_warmup=0.5, trim_fraction=0.1)
-    module = VAEModule(len(schema.numeric), schema.cat_sizes, config.model_dump())
-    trainer = L.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[Record()],
-    )
-    trainer.fit(module, table_loader(schema.encode(df), 128, shuffle=True))
+    module = _two_epochs(linear_table(512), config, Record())
     assert seen == [0.0] * 4 + [0.1] * 4  # 8 steps, warm-up over after 4
     module.eval()
     assert module.trim_fraction() == 0.0  # never outside training
