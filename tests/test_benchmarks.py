@@ -1,6 +1,10 @@
-"""The quality benchmark's data: real shipped tables, labels kept out of the features."""
+"""The benchmarks: the quality benchmark's data (real shipped tables, labels kept out of the
+features) and report, and the throughput benchmark on a small table."""
+
+import json
 
 import numpy as np
+import pytest
 
 from benchmarks.datasets import MAX_ROWS, anomaly_construction, load_tables
 from benchmarks.quality import design
@@ -100,3 +104,17 @@ def test_a_loss_within_two_standard_errors_is_reported_as_a_tie_and_nothing_else
     assert lines["near"].endswith("loss (tie: within 2 SE)")
     assert lines["far"].endswith(" loss") and "tie" not in lines["far"]
     assert lines["ahead"].endswith(" win")
+
+
+@pytest.mark.postgres
+def test_the_throughput_benchmark_runs_on_a_table_smaller_than_its_validation_split(tmp_path):
+    """`--rows` for less (README): a 20k-row table used to leave the training split empty
+    ("num_samples=0"), since the benchmark's model held out 20,000 rows to validate."""
+    from benchmarks import throughput
+    from tests.test_warehouse import PG_URL
+
+    out = tmp_path / "throughput.json"
+    throughput.main(["--rows", "20000", "--parts", "postgres", "--pg", PG_URL, "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rows"] == 20000 and result["postgres"]["rows"] == 20000
+    assert result["postgres"]["postgres_rows_per_s"] > 0 and result["postgres"]["duckdb_rows_per_s"] > 0
