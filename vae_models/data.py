@@ -54,6 +54,13 @@ def table_loader(table: EncodedTable, batch_size: int, *, shuffle: bool, seed: i
     return tensor_loader(table.tensors(), batch_size, shuffle=shuffle, seed=seed)
 
 
+def seeded_subset(rows: np.ndarray, max_rows: int, seed: int = 0) -> np.ndarray:
+    """`rows` as they are, or a seeded sample of `max_rows` of them in their order when there are more."""
+    if len(rows) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    return rows
+
+
 @dataclass
 class HeldOut:
     """A table with some observed cells hidden (`visible`), and which cells those are."""
@@ -69,10 +76,7 @@ class HeldOut:
     def sample_rows(self, max_rows: int, seed: int = 0) -> np.ndarray:
         """Indices of up to `max_rows` rows that hold a held-out cell, a seeded sample when there
         are more: the rows each validation scores."""
-        rows = np.flatnonzero((self.h_num.sum(1) + self.h_cat.sum(1)) > 0)
-        if len(rows) > max_rows:
-            rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
-        return rows
+        return seeded_subset(np.flatnonzero((self.h_num.sum(1) + self.h_cat.sum(1)) > 0), max_rows, seed)
 
     def loader(self, rows: np.ndarray, batch_size: int) -> DataLoader:
         """Batches (x_num, m_num, x_cat, m_cat, h_num, h_cat) of `rows` (from `sample_rows`)."""

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from vae_models.data import HeldOut
+from vae_models.data import HeldOut, seeded_subset
 from vae_models.schema import ColumnSpec, EncodedTable, TableSchema
 from vae_models.vae import Decoded, TableBatch, TabularVAE
 
@@ -223,8 +223,7 @@ def choose_log1p_estimates(
     rows = np.flatnonzero(held.h_num[:, log1p].sum(1) > 0) if log1p else np.array([], dtype=int)
     if rows.size == 0:
         return schema
-    if rows.size > max_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    rows = seeded_subset(rows, max_rows, seed)
     v = held.visible
     table = EncodedTable(v.x_num[rows], v.m_num[rows], v.x_cat[rows], v.m_cat[rows])
     truth = schema.decode(table.x_num, table.x_cat)
