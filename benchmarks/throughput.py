@@ -105,10 +105,8 @@ def train_bundle(workdir: Path, warehouse: Path, k: int):
     settings = settings_for(workdir, warehouse, k)
     df = read_frame(parse_ref("bench", settings.warehouse_url), max_rows=TRAIN_ROWS)
     schema = infer_schema(df, key="id")
-    val_rows = min(20_000, len(df) // 10)  # a --rows table smaller than 200k rows keeps 90% to train
-    result = training.fit(
-        df.iloc[:-val_rows], df.iloc[-val_rows:], schema, settings, checkpoint_dir=workdir / "ckpt"
-    )
+    split = len(df) - min(20_000, len(df) // 10)  # a --rows table under 200k rows keeps 90% to train
+    result = training.fit(df.iloc[:split], df.iloc[split:], schema, settings, checkpoint_dir=workdir / "ckpt")
     bundle = ModelBundle(vae=result.module.vae, schema=result.schema, extra={"anomaly_threshold": 3.0})
     return save_bundle(bundle, workdir / "model"), df
 
