@@ -64,6 +64,26 @@ def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, flights, warmup)
     assert [int(r["epoch"]) for r in fresh.history] == [0, 1, 2, 3]
 
 
+def test_a_last_checkpoint_from_an_older_release_is_resumed_and_overwritten(tmp_path, flights):
+    """A last.ckpt whose callback states the fit cannot restore (an older release's callbacks had
+    other state keys) still resumes, and the next validations overwrite it: no last-v1.ckpt or
+    best-v1.ckpt beside it, so a later retry does not resume from the stale file."""
+    settings = load_settings(small_params(tmp_path, train={"max_epochs": 4, "patience": 10}))
+    train_df, val_df = flights.iloc[:2400], flights.iloc[2400:]
+    schema = infer_schema(train_df, key="rownames")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="worker lost"):
+        training.fit(train_df, val_df, schema, settings, checkpoint_dir=ckpt, callbacks=[CrashAtEpoch(2)])
+    old = torch.load(ckpt / "last.ckpt", weights_only=False)
+    old["callbacks"] = {}  # states under keys today's callbacks do not have
+    torch.save(old, ckpt / "last.ckpt")
+    ran = EpochsRun()
+    resumed = training.fit(train_df, val_df, schema, settings, checkpoint_dir=ckpt, callbacks=[ran])
+    assert ran.epochs == [2, 3]
+    assert sorted(p.name for p in ckpt.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(ckpt / "last.ckpt", weights_only=True)["global_step"] == resumed.budget.max_steps
+
+
 def test_an_auto_importance_weighted_fit_trains_and_keeps_the_k_its_budget_sets(tmp_path, flights):
     """model.n_importance=auto: 2 epochs of 10 batches of 256 rows are far within the draw
     budget, so the fit trains the MIWAE bound at the cap (8), and the saved model keeps that K."""
